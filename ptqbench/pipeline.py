@@ -1,0 +1,286 @@
+"""The shared sequential calibration pipeline (GPTQ's protocol), used by every calibration-based method.
+
+1. The calibration windows run through the embeddings once; each decoder layer's keyword inputs (masks, rotary
+   embeddings) are recorded by pass-through stand-ins, so no layer computes anything in this step.
+2. For each decoder layer: the method sees a ``LayerContext`` holding the layer's inputs. It can ask for per-linear
+   statistics gathered by hooks (``hessian``, ``collect_inputs``), run the layer or a sub-module, and quantize
+   the layer's linears.
+3. The quantized layer's outputs become the next layer's inputs, so each layer is calibrated on what it will
+   really see after the layers before it were quantized.
+
+Statistics are gathered with an early stop: the forward pass is cut right after the hooked linear has seen its
+input, so asking for the q/k/v Hessian costs one norm, not a whole layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ptqbench.models import decoder_layers, layers_prefix, linear_layers
+from ptqbench.quantizer import QuantResult, Quantizer, set_linear_weight
+from ptqbench.scheme import QuantizedWeight, QuantScheme, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a statistics hook once it has what it needs; ends that forward pass early."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records its inputs and passes the hidden states through unchanged."""
+
+    def __init__(self, inner: nn.Module, store: list, keep_hidden: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.store = store
+        self.keep_hidden = keep_hidden
+
+    def __getattr__(self, name: str) -> Any:  # models read attributes such as attention_type off their layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise RuntimeError("ptqbench expects decoder layers to take their extra inputs as keywords")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        self.store.append((hidden_states if self.keep_hidden else None, kwargs))
+        return hidden_states
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int
+                         ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+    """Layer 0's hidden states per chunk, and every layer's keyword inputs per chunk."""
+    layers = decoder_layers(model)
+    stores: list[list] = [[] for _ in layers]
+    originals = list(layers)
+    device = next(model.parameters()).device
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = _Recorder(layer, stores[i], keep_hidden=(i == 0))
+        base = getattr(model, "base_model", model)
+        for chunk in input_ids.split(batch_size):
+            base(input_ids=chunk.to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    hidden = [h for h, _ in stores[0]]
+    kwargs = [[kw for _, kw in store] for store in stores]
+    return hidden, kwargs
+
+
+_GROUP_CACHE: dict[tuple, list[list[str]]] = {}
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer during calibration, with its inputs and the names of the linears to quantize."""
+
+    index: int
+    name: str  # full module name, e.g. model.layers.3
+    layer: nn.Module
+    inputs: list[torch.Tensor]  # per chunk (batch, seq, hidden)
+    kwargs: list[dict[str, Any]]  # per chunk: the layer's keyword inputs
+    targets: list[str]  # linear names relative to the layer that the method must quantize
+    state: dict[str, Any] = field(default_factory=dict)  # free space for methods across calls
+
+    @property
+    def linears(self) -> dict[str, nn.Linear]:
+        return {n: m for n, m in self.layer.named_modules() if isinstance(m, nn.Linear)}
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(x.shape[0] * x.shape[1] for x in self.inputs)
+
+    @torch.no_grad()
+    def forward(self, module: nn.Module | None = None) -> list[torch.Tensor]:
+        """Run the whole layer (or ``module``, a replacement for it) on every chunk; returns the outputs."""
+        mod = module or self.layer
+        return [_layer_output(mod(x, **kw)) for x, kw in zip(self.inputs, self.kwargs)]
+
+    @torch.no_grad()
+    def run_hooked(self, hooks: dict[str, Callable[[torch.Tensor], None]], stop_early: bool = True) -> None:
+        """Run the layer on every chunk calling ``hooks[name](x)`` with each linear's input ``x`` (tokens, in).
+
+        With ``stop_early`` the pass ends as soon as every hooked linear has seen its input.
+        """
+        linears = self.linears
+        seen: set[str] = set()
+        handles = []
+
+        def make(name: str):
+            def pre_hook(_mod: nn.Module, args: tuple) -> None:
+                x = args[0]
+                hooks[name](x.reshape(-1, x.shape[-1]))
+                seen.add(name)
+                if stop_early and len(seen) == len(hooks):
+                    raise _StopForward
+
+            return pre_hook
+
+        for name in hooks:
+            handles.append(linears[name].register_forward_pre_hook(make(name)))
+        try:
+            for x, kw in zip(self.inputs, self.kwargs):
+                seen.clear()
+                try:
+                    self.layer(x, **kw)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def groups(self) -> list[list[str]]:
+        """Linear names grouped by shared input tensor, in execution order (q/k/v, o, gate/up, down for Llama)."""
+        linears = self.linears
+        key = (type(self.layer).__name__, tuple(linears))
+        if key not in _GROUP_CACHE:
+            order: list[tuple[str, int]] = []
+            handles = [m.register_forward_pre_hook(
+                (lambda n: lambda _m, a: order.append((n, id(a[0]))))(n)) for n, m in linears.items()]
+            try:
+                with torch.no_grad():
+                    self.layer(self.inputs[0][:1], **_slice_kwargs(self.kwargs[0], self.inputs[0].shape[0]))
+            finally:
+                for h in handles:
+                    h.remove()
+            groups: list[list[str]] = []
+            ids: list[int] = []
+            for n, i in order:
+                if ids and ids[-1] == i:
+                    groups[-1].append(n)
+                else:
+                    groups.append([n])
+                    ids.append(i)
+            _GROUP_CACHE[key] = groups
+        return [list(g) for g in _GROUP_CACHE[key]]
+
+    def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """GPTQ's ``H = 2/N · Σ xᵀx`` (in, in) per named linear; linears sharing an input share one matrix."""
+        sums: dict[str, torch.Tensor] = {}
+        count = {"n": 0}
+        first = names[0]
+
+        def acc(name: str):
+            def f(x: torch.Tensor) -> None:
+                x = x.float()
+                if name == first:
+                    count["n"] += x.shape[0]
+                if name not in sums:
+                    sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                sums[name].addmm_(x.t(), x)
+            return f
+
+        # one hook per distinct input: the first linear of each shared-input group stands for the rest
+        group_of = {n: g[0] for g in self.groups() for n in g}
+        reps = list(dict.fromkeys(group_of.get(n, n) for n in names))
+        self.run_hooked({r: acc(r) for r in reps})
+        scale = 2.0 / max(count["n"], 1)
+        return {n: sums[group_of.get(n, n)] * scale for n in names}
+
+    def collect_inputs(self, names: list[str]) -> dict[str, list[torch.Tensor]]:
+        """The raw inputs (tokens, in) each named linear sees, per chunk (for activation statistics)."""
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.run_hooked({n: (lambda n: lambda x: got[n].append(x.detach().clone()))(n) for n in names})
+        return got
+
+
+def _slice_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Keyword inputs for the first sample of a chunk (masks carry the batch dimension)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch and batch > 1:
+            out[k] = v[:1]
+        else:
+            out[k] = v
+    return out
+
+
+def target_linears(model: nn.Module, scheme: QuantScheme) -> tuple[list[str], list[str]]:
+    """(names to quantize, names kept in floating point) over all linears of the model."""
+    quant, keep = [], []
+    for name, lin in linear_layers(model).items():
+        (keep if any(k and k in name for k in scheme.keep_fp) else quant).append(name)
+    return quant, keep
+
+
+def check_model_scheme(model: nn.Module, scheme: QuantScheme) -> None:
+    """Refuse a group size that does not fit a layer, before any work."""
+    quant, _ = target_linears(model, scheme)
+    mods = linear_layers(model)
+    for name in quant:
+        scheme.check_layer(name, mods[name].in_features)
+
+
+def run_sequential(model: nn.Module, input_ids: torch.Tensor, scheme: QuantScheme,
+                   process: Callable[[LayerContext], None], batch_size: int = 8, desc: str = "layers") -> None:
+    """Calibrate layer by layer: ``process(ctx)`` quantizes layer i, whose outputs then feed layer i+1."""
+    quant, _ = target_linears(model, scheme)
+    quant_set = set(quant)
+    prefix = layers_prefix(model)
+    was_training = model.training
+    model.eval()
+    hidden, kwargs = capture_layer_inputs(model, input_ids, batch_size)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc=desc, leave=False)):
+        lname = f"{prefix}.{i}"
+        targets = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{lname}.{n}" in quant_set]
+        ctx = LayerContext(i, lname, layer, hidden, kwargs[i], targets)
+        process(ctx)
+        hidden = ctx.forward()
+        del ctx
+    model.train(was_training)
+
+
+class LayerwiseQuantizer(Quantizer):
+    """Base of the methods that quantize decoder layer by layer through ``run_sequential``.
+
+    Linears outside the decoder layers that the scheme does not keep in floating point (the lm_head, when
+    ``quant.keep_fp`` is emptied) are quantized with RTN after the loop.
+    """
+
+    requires_calibration = True
+    calib_batch_size: int = 8
+
+    @abstractmethod
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
+        """Quantize ``ctx.targets`` of one layer in place; return their quantized forms by relative name."""
+
+    def prepare(self, model: nn.Module, calibration: Any) -> None:
+        """Hook for whole-model transforms before the layer loop (rotations, norm folding)."""
+
+    def quantize(self, model: nn.Module, calibration: Any) -> QuantResult:
+        if calibration is None:
+            raise ValueError(f"method {self.name} needs calibration data")
+        result = QuantResult()
+        self.prepare(model, calibration)
+
+        def process(ctx: LayerContext) -> None:
+            for rel, qw in self.quantize_layer(ctx).items():
+                result.layers[f"{ctx.name}.{rel}"] = qw
+
+        run_sequential(model, calibration.input_ids, self.scheme, process, self.calib_batch_size, desc=self.name)
+        quant, keep = target_linears(model, self.scheme)
+        mods = linear_layers(model)
+        for name in quant:
+            if name not in result.layers:  # outside the decoder layers
+                qw = rtn_quantize(mods[name].weight.data, self.scheme.w_bits, self.scheme.group_size, self.scheme.sym)
+                set_linear_weight(mods[name], qw)
+                result.layers[name] = qw
+        result.kept_fp = keep
+        return result

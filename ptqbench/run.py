@@ -1,0 +1,281 @@
+"""``run(cfg)``: one cell of a sweep — resolve, skip if done, load, calibrate, quantize, evaluate, record.
+
+Everything a cell needs is resolved and validated from the config before any model is loaded; a cell whose
+config hash is already complete in the results folder is skipped (``force=true`` recomputes). The full-precision
+model, tokenized text, calibration sets and evaluation windows are cached in the process, so the cells of one
+Hydra multirun share them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptqbench import __version__, data, memory, models, results
+from ptqbench.errors import ConfigError
+from ptqbench.evaluators import CellContext, evaluators
+from ptqbench.pipeline import check_model_scheme, target_linears
+from ptqbench.quantizer import MethodConfig, Quantizer, build_config, get_method
+from ptqbench.scheme import QuantScheme
+
+log = logging.getLogger("ptqbench")
+
+PROTOCOL_VERSION = 1  # bump when a change to the harness changes numbers; it is part of every config hash
+_CACHE: dict[Any, Any] = {}  # process-wide: models, tokens, calibration sets, eval windows, baseline results
+
+
+@dataclass
+class Cell:
+    """A resolved cell: every spec built and validated, nothing loaded yet."""
+
+    model: models.ModelSpec
+    method_cls: type[Quantizer]
+    method_cfg: MethodConfig
+    scheme: QuantScheme
+    calib: data.CalibSpec | None  # None when the method needs no calibration data
+    calib_name: str
+    seed: int
+    eval_cfg: dict[str, Any]
+    results_dir: Path
+    sweep: str
+    force: bool
+    runtime: dict[str, Any]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method_cls.family == "baseline"
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the numbers, and nothing that does not (paths, logger, sweep name)."""
+        return {
+            "protocol_version": PROTOCOL_VERSION,
+            "model": self.model.identity(),
+            "method": self.method_cls.name,
+            "method_cfg": self.method_cfg.to_dict(),
+            "scheme": None if self.is_baseline else _scheme_identity(self.scheme),
+            "calib": None if self.calib is None else dataclasses.asdict(self.calib),
+            "seed": self.seed if self.calib is not None else None,
+            "eval": self.eval_cfg,
+            "calib_batch_size": self.runtime.get("calib_batch_size") if self.calib is not None else None,
+        }
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _scheme_identity(s: QuantScheme) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    d.pop("name")
+    if s.a_bits >= 16:
+        d.pop("a_mode"), d.pop("a_sym")
+    return d
+
+
+def _plain(obj: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    return obj
+
+
+def resolve(cfg: Any) -> Cell:
+    """Build and validate every spec of a cell from the composed config (no model is loaded)."""
+    cfg = _plain(cfg)
+    method_cls = get_method(cfg["method"]["name"])
+    method_cls.validate_environment()
+    method_cfg = build_config(method_cls, cfg["method"].get("params") or {})
+    q = dict(cfg["quant"])
+    try:
+        scheme = QuantScheme(**q)
+    except TypeError as e:
+        raise ConfigError(f"quant: {e}") from None
+    method_cls.check_scheme(scheme)
+    m = dict(cfg["model"])
+    try:
+        model_spec = models.ModelSpec(**m)
+    except TypeError as e:
+        raise ConfigError(f"model: {e}") from None
+    c = dict(cfg["calib"])
+    sources = c.get("sources") or {c["name"]: 1.0}
+    needs_calib = method_cls.requires_calibration or (scheme.a_bits < 16 and scheme.a_mode == "static_per_tensor"
+                                                      and not method_cls.family == "baseline")
+    calib = data.CalibSpec(c["name"], tuple((k, float(v)) for k, v in sources.items()), int(c["n_samples"]),
+                           int(c["seq_len"])) if needs_calib else None
+    eval_cfg = {k: v for k, v in (cfg.get("eval") or {}).items() if v and (not isinstance(v, dict)
+                                                                            or v.get("enabled", True))}
+    known = evaluators()
+    for k in eval_cfg:
+        if k not in known:
+            raise ConfigError(f"eval section {k!r} has no evaluator: known sections are {sorted(known)}")
+    from ptqbench.evaluators.perplexity import check_config
+
+    check_config(eval_cfg.get("perplexity", {}))
+    seed = int(cfg.get("seed", 0))
+    return Cell(model_spec, method_cls, method_cfg, scheme, calib, c["name"] if calib else "none", seed, eval_cfg,
+                Path(cfg.get("results_dir", "results/default")), cfg.get("sweep_name", "default"),
+                bool(cfg.get("force", False)), dict(cfg.get("runtime") or {}))
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def _git_sha() -> str:
+    if "git_sha" not in _CACHE:
+        try:
+            _CACHE["git_sha"] = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                text=True, timeout=5).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            _CACHE["git_sha"] = "unknown"
+    return _CACHE["git_sha"]
+
+
+def _versions() -> str:
+    import transformers
+
+    return (f"ptqbench={__version__};torch={torch.__version__};transformers={transformers.__version__};"
+            f"python={platform.python_version()}")
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (driver/cuda {torch.version.cuda})"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+# ------------------------------------------------------------------------------------------------ cached work
+def _model(spec: models.ModelSpec) -> models.LoadedModel:
+    key = ("model", json.dumps(spec.identity(), sort_keys=True), spec.device)
+    if key not in _CACHE:
+        for k in [k for k in _CACHE if isinstance(k, tuple) and k[0] == "model"]:
+            del _CACHE[k]  # one full-precision model per process
+        _CACHE[key] = models.load(spec)
+    return _CACHE[key]
+
+
+def _calibration(cell: Cell, loaded: models.LoadedModel) -> data.Calibration | None:
+    if cell.calib is None:
+        return None
+    key = ("calib", cell.calib, cell.seed, loaded.tokenizer_id)
+    if key not in _CACHE:
+        _CACHE[key] = data.draw_calibration(cell.calib, cell.seed, loaded.tokenizer, loaded.tokenizer_id)
+    return _CACHE[key]
+
+
+def _base_row(cell: Cell, calib: data.Calibration | None, device: str) -> dict[str, Any]:
+    s = cell.scheme
+    base = cell.is_baseline
+    return {
+        "model": cell.model.name, "method": cell.method_cls.name, "family": cell.method_cls.family,
+        "w_bits": 16 if base else s.w_bits, "a_bits": 16 if base else s.a_bits,
+        "group_size": -1 if base else s.group_size, "sym": False if base else s.sym,
+        "quant": "fp16" if base else s.label,
+        "calib": cell.calib_name, "calib_n": cell.calib.n_samples if cell.calib else 0,
+        "calib_seqlen": cell.calib.seq_len if cell.calib else 0, "seed": cell.seed,
+        "calib_fingerprint": calib.fingerprint if calib else "",
+        "config_hash": cell.config_hash, "sweep": cell.sweep, "git_sha": _git_sha(), "versions": _versions(),
+        "device": _device_name(device), "status": "ok", "error": "", "group": "",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the cell
+def run(cfg: Any) -> list[dict[str, Any]]:
+    """Run one cell and return its rows (also written to the results folder)."""
+    cell = resolve(cfg)
+    h = cell.config_hash
+    log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.name,
+             cell.method_cls.name, cell.scheme.label, cell.calib_name, cell.seed, results.cell_path(cell.results_dir, h))
+    if not cell.force and results.cell_status(cell.results_dir, h) == "complete":
+        log.info("cell %s already complete: skipped (force=true recomputes)", h)
+        return results.read_cell(results.cell_path(cell.results_dir, h)).to_dict("records")
+    models.check_available(cell.model)  # fail fast on unreachable hub models, before any loading
+
+    t_cell = time.perf_counter()
+    loaded = _model(cell.model)
+    if not cell.is_baseline:
+        check_model_scheme(loaded.model, cell.scheme)  # group sizes that do not fit: refuse before any work
+    calib: data.Calibration | None = None
+    base = _base_row(cell, None, loaded.device)
+    rows: list[dict[str, Any]] = []
+    try:
+        calib = _calibration(cell, loaded)
+        base = _base_row(cell, calib, loaded.device)
+        memory.reset_peaks()
+        model = copy.deepcopy(loaded.model)
+        quantizer = cell.method_cls(cell.scheme, cell.method_cfg)
+        t0 = time.perf_counter()
+        qres = quantizer.quantize(model, calib)
+        if not cell.is_baseline and cell.scheme.a_bits < 16:
+            from ptqbench.actquant import attach_activation_quant
+
+            names, _ = target_linears(model, cell.scheme)
+            attach_activation_quant(model, [n for n in names if n in qres.layers], cell.scheme,
+                                    calib.input_ids if calib is not None else None)
+        quant_s = time.perf_counter() - t0
+        peak_q = memory.peak_host_gib()
+        gpu_q = memory.peak_gpu_gib()
+        model.eval()
+        rows += [
+            {"metric": "quant_time_s", "value": quant_s, "unit": "s", "protocol": "wall clock of quantize()"},
+            {"metric": "peak_host_mem_quant_gib", "value": peak_q, "unit": "GiB", "protocol": "VmHWM, reset per cell"},
+            {"metric": "effective_bits", "value": 16.0 if cell.is_baseline else qres.effective_bits(),
+             "unit": "bits/weight", "protocol": "codes+fp16 scales+zeros(+extras) over quantized linears"},
+        ]
+        if gpu_q is not None:
+            rows.append({"metric": "peak_gpu_mem_quant_gib", "value": gpu_q, "unit": "GiB",
+                         "protocol": "torch.cuda.max_memory_allocated, reset per cell"})
+        for k, v in qres.info.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                rows.append({"metric": f"info:{k}", "value": float(v), "unit": "", "protocol": "method info"})
+        memory.reset_peaks()
+        ctx = CellContext(model, loaded.tokenizer, loaded.tokenizer_id, cell.model.name, loaded.device, qres,
+                          cell.scheme, cell.is_baseline, cell.seed, calib, _CACHE)
+        t1 = time.perf_counter()
+        for name, fn in evaluators().items():
+            if name in cell.eval_cfg:
+                rows += fn(ctx, cell.eval_cfg[name])
+        rows.append({"metric": "eval_time_s", "value": time.perf_counter() - t1, "unit": "s",
+                     "protocol": "wall clock of all evaluators"})
+        rows.append({"metric": "peak_host_mem_eval_gib", "value": memory.peak_host_gib(), "unit": "GiB",
+                     "protocol": "VmHWM, reset per cell"})
+        del model
+    except Exception as e:  # noqa: BLE001  (a failing cell is recorded and the sweep goes on)
+        log.error("cell %s failed: %s: %s", h, type(e).__name__, e)
+        log.debug("%s", traceback.format_exc())
+        rows = [{"metric": "cell", "value": float("nan"), "unit": "", "status": "failed",
+                 "error": f"{type(e).__name__}: {e}"[:2000], "protocol": ""}]
+    wall = time.perf_counter() - t_cell
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = []
+    for r in rows:
+        row = {**base, **r, "wall_s": wall, "timestamp": stamp}
+        v = row["value"]
+        if row["status"] == "ok" and isinstance(v, float) and not math.isfinite(v) and row["metric"] != "cell":
+            row["status"], row["error"] = "diverged", row.get("error") or "non-finite value"
+        out.append(row)
+    path = results.write_cell(cell.results_dir, h, out)
+    log.info("cell %s written to %s (%.1f s)", h, path, wall)
+    return out
+
+
+def configure_threads(runtime: dict[str, Any]) -> None:
+    n = runtime.get("threads")
+    if n:
+        torch.set_num_threads(int(n))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
