@@ -24,7 +24,7 @@ import torch
 from ptqbench.errors import ConfigError
 from ptqbench.pipeline import LayerContext, LayerwiseQuantizer
 from ptqbench.quantizer import MethodConfig, register, set_linear_weight
-from ptqbench.scheme import QuantizedWeight, compute_qparams, qmax
+from ptqbench.scheme import QuantizedWeight, compute_qparams, few_threads, qmax
 
 
 @dataclass
@@ -71,41 +71,44 @@ def gptq_quantize(
 
     damp = percdamp * torch.mean(torch.diag(h))
     h.diagonal().add_(damp)
-    hinv = torch.linalg.cholesky(h)
-    hinv = torch.cholesky_inverse(hinv)
-    hinv = torch.linalg.cholesky(hinv, upper=True)  # (in, in) upper Cholesky factor of H⁻¹
+    with few_threads(w):  # small factorizations: one thread avoids hand-off stalls on a busy CPU
+        hinv = torch.linalg.cholesky(h)
+        hinv = torch.cholesky_inverse(hinv)
+        hinv = torch.linalg.cholesky(hinv, upper=True)  # (in, in) upper Cholesky factor of H⁻¹
 
     codes = torch.zeros_like(w)  # (out, in) in processing order
     g_idx = torch.zeros(in_f, dtype=torch.long, device=w.device)  # processing position -> group
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     scale = zero = torch.empty(0)
-    for i1 in range(0, in_f, blocksize):
-        i2 = min(i1 + blocksize, in_f)
-        w1 = w[:, i1:i2].clone()  # (out, block)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static_groups:
-                gi = int(perm[col]) // gs
-                scale, zero = static[gi]
-            else:
-                if col % gs == 0:  # a new group starts: its range from the current (updated) columns
-                    group = torch.cat([w1[:, i: i + gs], w[:, i2: col + gs]], dim=1) if col + gs > i2 else w1[:, i: i + gs]
-                    scale, zero = compute_qparams(group, bits, sym)
-                    scales.append(scale)
-                    zeros.append(zero)
-                gi = col // gs
-            g_idx[col] = gi
-            wc = w1[:, i]
-            q = torch.clamp(torch.round(wc / scale) + zero, 0, maxq)
-            codes[:, col] = q
-            dq = (q - zero) * scale
-            err = (wc - dq) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy update of the columns after this block
+    with few_threads(w):
+        for i1 in range(0, in_f, blocksize):
+            i2 = min(i1 + blocksize, in_f)
+            w1 = w[:, i1:i2].clone()  # (out, block)
+            err1 = torch.zeros_like(w1)
+            hinv1 = hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if static_groups:
+                    gi = int(perm[col]) // gs
+                    scale, zero = static[gi]
+                else:
+                    if col % gs == 0:  # a new group starts: its range from the current (updated) columns
+                        group = w1[:, i: i + gs]
+                        if col + gs > i2:  # the group runs past this block
+                            group = torch.cat([group, w[:, i2: col + gs]], dim=1)
+                        scale, zero = compute_qparams(group, bits, sym)
+                        scales.append(scale)
+                        zeros.append(zero)
+                    gi = col // gs
+                g_idx[col] = gi
+                wc = w1[:, i]
+                q = torch.clamp(torch.round(wc / scale) + zero, 0, maxq)
+                codes[:, col] = q
+                err = (wc - (q - zero) * scale) / hinv1[i, i]
+                w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # spread the error onto the later columns
+                err1[:, i] = err
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns after this block
 
     if static_groups:
         scales = [s for s, _ in static]

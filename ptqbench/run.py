@@ -190,7 +190,8 @@ def _base_row(cell: Cell, calib: data.Calibration | None, device: str) -> dict[s
         "calib_seqlen": cell.calib.seq_len if cell.calib else 0, "seed": cell.seed,
         "calib_fingerprint": calib.fingerprint if calib else "",
         "config_hash": cell.config_hash, "sweep": cell.sweep, "git_sha": _git_sha(), "versions": _versions(),
-        "device": _device_name(device), "status": "ok", "error": "", "group": "",
+        "device": _device_name(device), "status": "ok", "error": "", "dataset": "", "group": "", "unit": "",
+        "protocol": "",
     }
 
 
@@ -198,6 +199,7 @@ def _base_row(cell: Cell, calib: data.Calibration | None, device: str) -> dict[s
 def run(cfg: Any) -> list[dict[str, Any]]:
     """Run one cell and return its rows (also written to the results folder)."""
     cell = resolve(cfg)
+    _logger(cfg, cell)  # a bad logger config (or wandb missing) fails here, before any work
     h = cell.config_hash
     log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.name,
              cell.method_cls.name, cell.scheme.label, cell.calib_name, cell.seed, results.cell_path(cell.results_dir, h))
@@ -271,7 +273,30 @@ def run(cfg: Any) -> list[dict[str, Any]]:
         out.append(row)
     path = results.write_cell(cell.results_dir, h, out)
     log.info("cell %s written to %s (%.1f s)", h, path, wall)
+    _logger(cfg, cell).log_cell(_plain(cfg), out)
     return out
+
+
+def _logger(cfg: Any, cell: Cell):
+    """The sweep's experiment logger (W&B or none), one per process and sweep."""
+    from ptqbench.loggers import make_logger
+
+    lcfg = _plain(cfg.get("logger")) if hasattr(cfg, "get") else None
+    key = ("logger", json.dumps(lcfg, sort_keys=True, default=str), cell.sweep, str(cell.results_dir))
+    if key not in _CACHE:
+        _CACHE[key] = make_logger(lcfg, cell.sweep, str(cell.results_dir))
+    return _CACHE[key]
+
+
+def finish_loggers() -> None:
+    """End of a run or sweep: let each logger publish the sweep's table (e.g. a wandb.Table)."""
+    for key in [k for k in _CACHE if isinstance(k, tuple) and k[0] == "logger"]:
+        logger = _CACHE.pop(key)
+        try:
+            df = results.load_results(key[3])
+        except results.ResultsError:
+            continue
+        logger.finish_sweep(df[df["sweep"] == key[2]] if "sweep" in df else df)
 
 
 def configure_threads(runtime: dict[str, Any]) -> None:

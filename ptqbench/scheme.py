@@ -13,7 +13,10 @@ input features the last group is shorter (a partial group); ``QuantScheme.check_
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from typing import Iterator
 
 import torch
 
@@ -74,6 +77,20 @@ class QuantScheme:
             f"group_size={self.group_size} does not divide in_features={in_features} of {name}: "
             f"use quant.group_size in {divisors or [-1]} or set quant.partial_group=true"
         )
+
+
+@contextmanager
+def few_threads(t: torch.Tensor, n: int = 1) -> Iterator[None]:
+    """Run column-by-column loops of tiny CPU ops on one thread: thread hand-offs cost more than the ops."""
+    if t.device.type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def qmax(bits: int) -> int:

