@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--sweep-windows", type=int, default=40, help="eval windows per domain in the sweep check")
+    ap.add_argument("--sweep-windows", type=int, default=20, help="eval windows per domain in the sweep check")
     ap.add_argument("--skip-sweep", action="store_true")
     args = ap.parse_args()
     load_s = bench_load()

@@ -44,3 +44,29 @@ def compose():
             return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def truncated_smol(smol):
+    """Factory: ``(model, calib, eval_ids)`` for the first ``n_layers`` of SmolLM2 (a deep copy), a small docs
+    calibration set (``n_calib`` × ``seq_len``) and 2 held-out docs windows; for method tests on a real model."""
+    import copy
+
+    from ptqbench import data
+
+    def _make(n_layers: int, n_calib: int = 4, seq_len: int = 256):
+        model = copy.deepcopy(smol.model)
+        model.model.layers = model.model.layers[:n_layers]
+        model.config.num_hidden_layers = n_layers
+        calib = data.draw_calibration(data.CalibSpec("docs", (("docs", 1.0),), n_calib, seq_len), 0, smol.tokenizer,
+                                      smol.tokenizer_id)
+        ids = data.eval_set("docs", seq_len, 2, smol.tokenizer, smol.tokenizer_id).windows
+        return model, calib, ids
+
+    return _make
+
+
+def last_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden state on ``ids`` (no lm_head): what layer-wise method tests compare."""
+    with torch.no_grad():
+        return model.model(input_ids=ids, use_cache=False).last_hidden_state

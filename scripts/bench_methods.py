@@ -1,0 +1,156 @@
+"""Method benchmark (not a test): wall time and peak host memory of ``quantize()`` per method at its natural scheme.
+
+    python scripts/bench_methods.py [--methods awq hqq smoothquant] [--n-samples 32] [--seq-len 512]
+
+Each method runs on the embedded model (SmolLM2-135M) with ``n_samples`` × ``seq_len`` calibration windows from
+``docs`` (the default calibration), composed through the real Hydra config and ``ptqbench.run.resolve`` exactly as a
+cell would be; the timed part is what ``run`` records as ``quant_time_s``: ``quantize()`` plus, for schemes with
+quantized activations, attaching the activation quantizers (static scales are calibrated there). Methods that are
+not registered (or have no ``conf/method`` file) are skipped with a message.
+
+Targets on a 2-core machine: AWQ <= 90 s, HQQ <= 30 s, peak host memory <= 3 GiB.
+
+On a shared machine wall times grow with the load. Next to each time the script reports ``fwd512_s``, one 512-token
+forward of the full-precision model timed right before and after the method (mean), and ``norm_s`` = quant_s ×
+1.25 / fwd512_s: the time rescaled to the quiet machine's 1.25 s per 512-token forward (docs: anchors.md). The
+rescaling is a diagnostic, not a measurement; the targets are checked against both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+import traceback
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT = ["awq", "hqq", "smoothquant", "quarot", "omniquant", "pbllm", "gptq", "rtn"]
+# each method's natural scheme, as Hydra overrides
+NATURAL: dict[str, list[str]] = {
+    "awq": ["quant=w4g64"],
+    "hqq": ["quant=w4g64"],
+    "gptq": ["quant=w4g64"],
+    "rtn": ["quant=w4g64"],
+    "smoothquant": ["quant=w8a8"],
+    "quarot": ["quant=w4a4", "method.params.inner=rtn"],
+    "omniquant": ["quant=w3g64"],
+    "pbllm": ["quant=w2g64", "quant.group_size=-1", "quant.name=w2c"],  # its default: 2-bit class, per-row α
+}
+TARGETS = {"awq": 90.0, "hqq": 30.0}  # seconds
+TARGET_MEM_GIB = 3.0
+QUIET_FWD512_S = 1.25  # one 512-token forward of SmolLM2-135M on the quiet 2-core machine (anchors.md)
+
+
+def _fwd512(model, seq_len: int = 512) -> float:
+    import torch
+
+    ids = torch.arange(seq_len)[None, :] % 1000 + 100
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t
+
+
+def bench(methods: list[str], n_samples: int, seq_len: int) -> list[dict]:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import ptqbench
+    from ptqbench import data, memory, models
+    from ptqbench.actquant import attach_activation_quant
+    from ptqbench.pipeline import target_linears
+    from ptqbench.quantizer import registry
+    from ptqbench.run import resolve
+
+    known = registry()
+    rows: list[dict] = []
+    loaded_cache: dict[str, models.LoadedModel] = {}
+    calib_cache: dict = {}
+    with initialize_config_dir(config_dir=str(ptqbench.conf_dir()), version_base="1.3"):
+        for name in methods:
+            if name not in known or not (ptqbench.conf_dir() / "method" / f"{name}.yaml").is_file():
+                print(f"skip {name}: not registered (no methods/{name}.py or conf/method/{name}.yaml)", flush=True)
+                continue
+            overrides = [f"method={name}", *NATURAL.get(name, []), "calib=docs", f"calib.n_samples={n_samples}",
+                         f"calib.seq_len={seq_len}"]
+            cell = resolve(compose(config_name="config", overrides=overrides))
+            key = repr(cell.model.identity())
+            if key not in loaded_cache:
+                loaded_cache[key] = models.load(cell.model)
+            loaded = loaded_cache[key]
+            calib = None
+            if cell.calib is not None:
+                ck = (cell.calib, cell.seed)
+                if ck not in calib_cache:
+                    calib_cache[ck] = data.draw_calibration(cell.calib, cell.seed, loaded.tokenizer,
+                                                            loaded.tokenizer_id)
+                calib = calib_cache[ck]
+            row = {"method": name, "family": cell.method_cls.family, "quant": cell.scheme.label,
+                   "calib": f"{cell.calib.n_samples}x{cell.calib.seq_len}" if cell.calib else "none"}
+            fwd_before = _fwd512(loaded.model)
+            model = copy.deepcopy(loaded.model)
+            memory.reset_peaks()
+            print(f"{name} at {cell.scheme.label} ...", flush=True)
+            try:
+                t0 = time.perf_counter()
+                res = cell.method_cls(cell.scheme, cell.method_cfg).quantize(model, calib)
+                if cell.scheme.a_bits < 16:  # as run() does, inside the timed part
+                    names, _ = target_linears(model, cell.scheme)
+                    attach_activation_quant(model, [n for n in names if n in res.layers], cell.scheme,
+                                            calib.input_ids if calib is not None else None)
+                row["quant_s"] = time.perf_counter() - t0
+                row["peak_host_gib"] = memory.peak_host_gib()
+                row["effective_bits"] = res.effective_bits()
+                row["status"] = "ok"
+            except Exception as e:  # noqa: BLE001  (one failing method does not end the benchmark)
+                traceback.print_exc()
+                row.update(quant_s=float("nan"), peak_host_gib=memory.peak_host_gib(), effective_bits=float("nan"),
+                           status=f"failed: {type(e).__name__}: {e}"[:80])
+            row["threads"] = torch.get_num_threads()
+            del model
+            row["fwd512_s"] = (fwd_before + _fwd512(loaded.model)) / 2
+            row["norm_s"] = row["quant_s"] * QUIET_FWD512_S / row["fwd512_s"]
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+def _line(r: dict) -> str:
+    t = TARGETS.get(r["method"])
+    ok = "" if t is None else ("ok" if r["quant_s"] <= t else "OVER" if r["norm_s"] > t else "over raw, ok norm")
+    mem_ok = "ok" if r["peak_host_gib"] <= TARGET_MEM_GIB else "OVER"
+    return (f"{r['method']:<12} {r['family']:<17} {r['quant']:<7} {r['calib']:<7} {r['quant_s']:>8.1f} "
+            f"{r['fwd512_s']:>8.2f} {r['norm_s']:>7.1f} {'' if t is None else f'<= {t:.0f} s':<8} {ok:<18} "
+            f"{r['peak_host_gib']:>8.2f} {mem_ok:<4} {r['effective_bits']:>6.2f}  {r['status']}")
+
+
+HEADER = (f"{'method':<12} {'family':<17} {'quant':<7} {'calib':<7} {'quant_s':>8} {'fwd512_s':>8} {'norm_s':>7} "
+          f"{'target':<8} {'time':<18} {'peak_GiB':>8} {'mem':<4} {'bits':>6}  status")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", nargs="+", default=DEFAULT, help="methods to time (default: %(default)s)")
+    ap.add_argument("--n-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
+    args = ap.parse_args()
+    rows = bench(args.methods, args.n_samples, args.seq_len)
+    print()
+    print(HEADER)
+    for r in rows:
+        print(_line(r))
+    try:
+        load = os.getloadavg()[0]
+        print(f"\nthreads={rows[0]['threads'] if rows else '?'}  load average (1 min) at the end: {load:.1f} "
+              f"on {os.cpu_count()} cores (times on a shared machine grow with the load)")
+    except (OSError, AttributeError):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole PTQ taxonomy on the embedded SmolLM2-135M (offline, CPU): every method at its natural settings, into one
+# results folder, then the table. Hydra's basic sweeper runs one product per call, so the union is four sweeps:
+#   conf/sweep/taxonomy_smollm2.yaml       W4 g64, W3 g64 weight-only: fp16, rtn, gptq, awq, omniquant, hqq, quarot
+#   conf/sweep/taxonomy_smollm2_w2.yaml    W2 g64: rtn, gptq, omniquant, and pbllm
+#   conf/sweep/taxonomy_smollm2_w8a8.yaml  W8A8: rtn, smoothquant
+#   conf/sweep/taxonomy_smollm2_w4a.yaml   W4A8, W4A4: rtn, quarot
+# Usage: bash scripts/run_taxonomy.sh [extra hydra overrides, e.g. runtime.threads=1 force=true]
+# Completed cells are skipped on a rerun (config hash), so an interrupted run resumes. Expect a few hours on 2 CPU
+# cores (about 25 cells; each perplexity evaluation is ~150 s, OmniQuant's training ~10-15 min per cell).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+for part in taxonomy_smollm2 taxonomy_smollm2_w2 taxonomy_smollm2_w8a8 taxonomy_smollm2_w4a; do
+  echo "== +sweep=${part}"
+  "$PY" -m ptqbench "+sweep=${part}" "$@"
+done
+"$PY" -m ptqbench.results results/taxonomy_smollm2
