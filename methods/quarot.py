@@ -17,9 +17,11 @@ activations). The floating-point model's outputs do not change:
    intermediate activations) and before the attention output projection, with the weight rotated to match
    (``W ← W·H``, the hook computes ``x·H``), so the inputs that the activation quantizers see are incoherent too.
 
-The weights are then quantized by an inner quantizer: ``inner=rtn`` (default: round-to-nearest on the rotated
-weights, no calibration used) or ``inner=gptq`` (``methods/gptq.py``'s ``gptq_quantize`` through the shared
-sequential pipeline, on calibration inputs of the rotated model). Activation quantizers (the scheme's ``a_bits``)
+The weights are then quantized by an inner quantizer: ``inner=gptq`` (default, the paper's main setting:
+``methods/gptq.py``'s ``gptq_quantize`` through the shared sequential pipeline, on calibration inputs of the rotated
+model) or ``inner=rtn`` (the paper's QuaRot-RTN: round-to-nearest on the rotated weights, no calibration used).
+On SmolLM2 QuaRot-RTN is much worse than plain RTN at W3 (v_proj and gate/up_proj become far more sensitive to
+rounding error once the residual is rotated; see methods/README.md), which is why the GPTQ default matters. Activation quantizers (the scheme's ``a_bits``)
 are attached by the run loop after ``quantize()``; hooks run in registration order, so the online rotations run
 before them and the activations are quantized in the rotated basis.
 
@@ -73,7 +75,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 @dataclass
 class QuaRotConfig(MethodConfig):
-    inner: str = "rtn"  # weight quantizer after the rotations: rtn | gptq
+    inner: str = "gptq"  # weight quantizer after the rotations: gptq (paper) | rtn (the paper's QuaRot-RTN)
     seed: int = 0  # draws the ±1 signs of the randomized residual Hadamard (and any random orthogonal fallback)
     online_down: bool = True  # online Hadamard before down_proj (paper)
     online_o_proj: bool = True  # online Hadamard before o_proj (paper: per-head part fused into W_v, rest online)

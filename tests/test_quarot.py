@@ -157,5 +157,7 @@ def test_bad_inputs_raise_config_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="architecture|GPT2|support"):  # rotations need a Llama-style model
+        QuaRot(QuantScheme(w_bits=4, group_size=32), QuaRotConfig(inner="rtn")).quantize(gpt2, None)
+    with pytest.raises(ValueError, match="calibration"):  # the default inner GPTQ needs calibration data
         QuaRot(QuantScheme(w_bits=4, group_size=32), QuaRotConfig()).quantize(gpt2, None)

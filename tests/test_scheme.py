@@ -76,3 +76,31 @@ def test_activation_quant_per_token_and_static():
     xs = quantize_activation(x, 8, "static_per_tensor", static_scale=torch.tensor(0.5))
     assert torch.allclose(xs, torch.clamp(torch.round(x / 0.5), -128, 127) * 0.5)
     assert torch.equal(quantize_activation(x, 16, "dynamic_per_token"), x)
+
+
+def test_static_scales_are_input_absmax_with_and_without_lm_head():
+    """Static per-tensor scales = absmax of each hooked linear's input / 127, whether the calibration pass runs the
+    decoder alone (every hooked linear inside it) or the full model (the lm_head hooked too)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ptqbench.actquant import static_scales
+    from ptqbench.models import linear_layers
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (5, 12))
+    mods = linear_layers(model)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook((lambda n: lambda _m, a: seen.__setitem__(
+        n, torch.maximum(seen.get(n, torch.tensor(0.0)), a[0].abs().amax())))(n)) for n, m in mods.items()]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for names in (["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"], ["model.layers.1.mlp.up_proj",
+                                                                                      "lm_head"]):
+        scales = static_scales(model, names, ids, 8, batch_size=2)
+        for n in names:
+            assert torch.allclose(scales[n], seen[n] / 127), n
