@@ -39,7 +39,7 @@ bench: setup
 
 # rerun the embedded sweep and check it against the committed baseline (non-zero exit on regression)
 regress: setup
-	$(PY) -m ptqbench +sweep=smollm2_w4 results_root=results/current
+	$(PY) -m ptqbench +sweep=smollm2_w4 results_root=results/current force=true
 	$(PY) -m ptqbench.dashboard --baseline results/baselines/smollm2_w4 --current results/current/smollm2_w4 --out results/current/dashboard.html
 
 clean:

@@ -150,9 +150,12 @@ class LayerContext:
         linears = self.linears
         key = (type(self.layer).__name__, tuple(linears))
         if key not in _GROUP_CACHE:
-            order: list[tuple[str, int]] = []
+            # keep every input tensor alive until the grouping is done: comparing by ``id()`` alone is wrong, since
+            # CPython reuses a freed tensor's id (o_proj's input is freed before gate/up's input is allocated, and
+            # the two then shared an id in about 1 run in 16, handing gate/up o_proj's Hessian)
+            order: list[tuple[str, torch.Tensor]] = []
             handles = [m.register_forward_pre_hook(
-                (lambda n: lambda _m, a: order.append((n, id(a[0]))))(n)) for n, m in linears.items()]
+                (lambda n: lambda _m, a: order.append((n, a[0])))(n)) for n, m in linears.items()]
             try:
                 with torch.no_grad():
                     self.layer(self.inputs[0][:1], **_slice_kwargs(self.kwargs[0], self.inputs[0].shape[0]))
@@ -160,13 +163,14 @@ class LayerContext:
                 for h in handles:
                     h.remove()
             groups: list[list[str]] = []
-            ids: list[int] = []
-            for n, i in order:
-                if ids and ids[-1] == i:
+            prev: torch.Tensor | None = None
+            for n, x in order:
+                if prev is not None and x is prev:
                     groups[-1].append(n)
                 else:
                     groups.append([n])
-                    ids.append(i)
+                    prev = x
+            del order, prev
             _GROUP_CACHE[key] = groups
         return [list(g) for g in _GROUP_CACHE[key]]
 

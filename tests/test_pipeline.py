@@ -67,3 +67,30 @@ def test_capture_records_every_layer(small):
     assert [h.shape for h in hidden] == [(2, 8, 576), (1, 8, 576)]
     assert len(kwargs) == 3 and all(len(k) == 2 for k in kwargs)
     assert "position_embeddings" in kwargs[0][0]
+
+
+class _FreedTemporaries(torch.nn.Module):
+    """A layer whose linears read fresh temporaries: each one is freed before the next is allocated, so CPython hands
+    the next tensor the freed one's id. Only ``c`` and ``d`` truly share an input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x * 2.0)
+        y = y + self.b(x + 1.0)
+        h = x - 1.0
+        return y + self.c(h) + self.d(h)
+
+
+def test_groups_are_shared_inputs_not_reused_ids():
+    from ptqbench import pipeline
+    from ptqbench.pipeline import LayerContext
+
+    layer = _FreedTemporaries()
+    x = torch.randn(2, 3, 4)
+    for _ in range(20):  # the id of a freed temporary is reused on most runs; every run must group correctly
+        pipeline._GROUP_CACHE.clear()
+        ctx = LayerContext(0, "layer", layer, [x], [{}], ["a", "b", "c", "d"])
+        assert ctx.groups() == [["a"], ["b"], ["c", "d"]]
