@@ -37,6 +37,7 @@ log = logging.getLogger("ptqbench")
 
 PROTOCOL_VERSION = 1  # bump when a change to the harness changes numbers; it is part of every config hash
 _CACHE: dict[Any, Any] = {}  # process-wide: models, tokens, calibration sets, eval windows, baseline results
+_WRITTEN_HERE: set[tuple[str, str]] = set()  # (results folder, config hash) of the cells this process wrote
 
 
 @dataclass
@@ -203,8 +204,11 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     h = cell.config_hash
     log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.name,
              cell.method_cls.name, cell.scheme.label, cell.calib_name, cell.seed, results.cell_path(cell.results_dir, h))
-    if not cell.force and results.cell_status(cell.results_dir, h) == "complete":
-        log.info("cell %s already complete: skipped (force=true recomputes)", h)
+    # force=true recomputes a cell once per process: sweep cells that share a hash (fp16 across schemes, RTN across
+    # calibration sets) are not recomputed again by the same sweep
+    fresh = (str(cell.results_dir), h) in _WRITTEN_HERE
+    if (not cell.force or fresh) and results.cell_status(cell.results_dir, h) == "complete":
+        log.info("cell %s already complete%s: skipped (force=true recomputes)", h, " (this process)" if fresh else "")
         return results.read_cell(results.cell_path(cell.results_dir, h)).to_dict("records")
     models.check_available(cell.model)  # fail fast on unreachable hub models, before any loading
 
@@ -272,6 +276,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
             row["status"], row["error"] = "diverged", row.get("error") or "non-finite value"
         out.append(row)
     path = results.write_cell(cell.results_dir, h, out)
+    _WRITTEN_HERE.add((str(cell.results_dir), h))
     log.info("cell %s written to %s (%.1f s)", h, path, wall)
     _logger(cfg, cell).log_cell(_plain(cfg), out)
     return out

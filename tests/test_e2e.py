@@ -67,6 +67,20 @@ def test_determinism_same_config_same_values(smoke_dir, compose, tmp_path):
     assert {(r.metric, r.dataset): r.value for r in first.itertuples()} == again
 
 
+def test_force_recomputes_a_shared_cell_once_per_process(compose, tmp_path):
+    def rtn_cell(calib: str):
+        cfg = compose(["+sweep=smoke", "method=rtn", f"calib={calib}", f"results_root={tmp_path}", "force=true"])
+        return run_mod.run(cfg)
+
+    first = rtn_cell("docs")
+    path = results.cell_path(tmp_path / "smoke", first[0]["config_hash"])
+    stamp = path.stat().st_mtime_ns
+    second = rtn_cell("code")  # RTN ignores the calibration set: same hash, already recomputed by this process
+    assert second[0]["config_hash"] == first[0]["config_hash"]
+    assert path.stat().st_mtime_ns == stamp
+    assert [r["value"] for r in second] == [r["value"] for r in first]
+
+
 def test_failing_cell_is_recorded_and_not_complete(compose, tmp_path):
     cfg = compose(["+sweep=smoke", "method=gptq", "calib.seq_len=100000000", f"results_root={tmp_path}"])
     rows = run_mod.run(cfg)
