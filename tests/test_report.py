@@ -190,3 +190,32 @@ def test_cli_corrupted_file_named(tmp_path, capsys):
     bad.write_bytes(b"not a parquet file")
     assert main([str(tmp_path / "res")]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_latency_rows_of_weight_activation_cells_stay_apart():
+    """W4A8 and W4A4 cells of one method share a weight format: their latency rows carry the cell's scheme (and say
+    the kernel is A16), so the leaderboard gets one column per scheme instead of a clash."""
+    from types import SimpleNamespace
+
+    from ptqbench.evaluators import CellContext
+    from ptqbench.evaluators.latency import latency
+    from ptqbench.scheme import QuantScheme
+
+    rows = []
+    for a_bits in (8, 4):
+        scheme = QuantScheme(w_bits=4, group_size=-1, a_bits=a_bits)
+        ctx = CellContext(model=None, tokenizer=None, tokenizer_id="", model_name="tiny-lm", device="cpu",
+                          result=SimpleNamespace(layers={"l0.q": SimpleNamespace(shape=(64, 128))}), scheme=scheme,
+                          is_baseline=False, seed=0)
+        got = latency(ctx, {"standard_shapes": False, "batches": [1]})
+        assert {r["quant"] for r in got} == {scheme.label} and {r["a_bits"] for r in got} == {a_bits}
+        assert all(f"kernel W4xA16: the scheme's A{a_bits} is not fused" in r["protocol"] for r in got)
+        base = dict(model="tiny-lm", method="quarot", family="rotation", w_bits=4, group_size=-1, sym=False,
+                    calib="docs", calib_n=32, calib_seqlen=512, seed=0, calib_fingerprint="fp",
+                    config_hash=f"quarot-{a_bits}")
+        rows += [dict(base, **r) for r in got]
+        rows.append(dict(base, quant=scheme.label, a_bits=a_bits, metric="perplexity", dataset="docs", group="",
+                         value=10.0 + a_bits, protocol=PPL, status="ok"))
+    assert {r["quant"] for r in rows} == {"w4a8c", "w4a4c"}
+    table = leaderboard(to_frame(rows))["tiny-lm"]  # raised "... fill the same cell" before the fix
+    assert "w4a8c" in render(table) and "w4a4c" in render(table)

@@ -15,6 +15,13 @@ def latency(cell: CellContext, cfg: dict) -> list[dict]:
     shapes = sorted({qw.shape for qw in cell.result.layers.values()})  # kept-fp linears are not measured
     if cfg.get("standard_shapes", True):
         shapes += [s for s in STANDARD_SHAPES if s not in shapes]
-    return latency_rows(shapes, [cell.scheme.w_bits], list(cfg.get("batches", [1, 16, 64])),
+    rows = latency_rows(shapes, [cell.scheme.w_bits], list(cfg.get("batches", [1, 16, 64])),
                         group_size=cell.scheme.group_size, sym=cell.scheme.sym,
                         warmup=int(cfg.get("warmup", 25)), rep=int(cfg.get("rep", 100)))
+    # the rows belong to this cell: label them with its scheme, so that W4A8 and W4A4 cells of one method (same
+    # weight format) stay apart in tables; the kernels keep activations in 16 bits, and the protocol says so
+    for r in rows:
+        if cell.scheme.a_bits < 16:
+            r["protocol"] += f"; kernel W{cell.scheme.w_bits}xA16: the scheme's A{cell.scheme.a_bits} is not fused"
+        r.update(quant=cell.scheme.label, a_bits=cell.scheme.a_bits)
+    return rows
