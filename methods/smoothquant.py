@@ -40,7 +40,7 @@ from ptqbench.scheme import rtn_quantize
 class SmoothQuantConfig(MethodConfig):
     alpha: float = 0.5  # migration strength: 0 leaves activations as they are, 1 moves all their range to weights
     smooth_fc_fc: bool = False  # also smooth down_proj (into up_proj) and o_proj (into v_proj, MHA only)
-    batch_size: int = 8  # calibration windows per forward pass (memory only)
+    batch_size: int = 1  # calibration windows per forward pass (memory only; 8 raised the peak by >1 GiB)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

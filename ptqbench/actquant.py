@@ -24,13 +24,23 @@ class _ActQuantHook:
 
 @torch.no_grad()
 def static_scales(model: nn.Module, names: list[str], input_ids: torch.Tensor, bits: int,
-                  batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Per-tensor scales ``absmax / (2**(bits-1) - 1)`` of each named linear's input over the calibration set."""
+                  batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Per-tensor scales ``absmax / (2**(bits-1) - 1)`` of each named linear's input over the calibration set.
+
+    One window per forward by default: on SmolLM2 (32 x 512 tokens, 2 threads) batches of 8 raised the cell's peak
+    host memory by 1.4-2.4 GiB against 0.03 GiB for batches of 1, at the same wall time (~26 s).
+    """
     mods = linear_layers(model)
     amax = {n: torch.zeros((), device=mods[n].weight.device) for n in names}
-    handles = [mods[n].register_forward_pre_hook(
-        (lambda n: lambda _m, a: amax.__setitem__(n, torch.maximum(amax[n], a[0].detach().abs().amax().float())))(n))
-        for n in names]
+
+    def track(n: str):
+        def hook(_m: nn.Module, a: tuple) -> None:
+            # aminmax reads the input once, without materialising an |x| copy
+            lo, hi = torch.aminmax(a[0].detach())
+            amax[n] = torch.maximum(amax[n], torch.maximum(-lo, hi).float())
+        return hook
+
+    handles = [mods[n].register_forward_pre_hook(track(n)) for n in names]
     device = next(model.parameters()).device
     # the decoder alone when every hooked linear lives in it: the lm_head's logits (batch x seq x vocab floats,
     # ~0.8 GB for 8 x 512 x 49152) would otherwise dominate the peak memory of calibration

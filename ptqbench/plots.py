@@ -64,12 +64,17 @@ def _styles(d: pd.DataFrame) -> dict[str, dict]:
 
 
 def _bits_axis(ax, bits: pd.Series) -> None:
-    """Log-2 bits axis ticked at the bit-widths present: 2, 3, 4 stay apart next to 16."""
+    """Log-2 bits axis ticked at the whole bit-widths near the points (2, 3, 4, 8, 16): effective bits such as 4.03,
+    4.31 and 4.5 would otherwise print overlapping labels; a point's exact value is in the tables."""
     ax.set_xscale("log", base=2)
-    ticks = sorted({round(float(b), 2) for b in bits})
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    values = [float(b) for b in bits]
+    ticks: list[int] = []
+    for t in sorted({max(1, round(b)) for b in values}):
+        if not ticks or np.log2(t / ticks[-1]) >= 0.3:  # keep labels apart (3 and 4 are 0.42 apart)
+            ticks.append(t)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set_xlim(min(ticks) / 1.15, max(ticks) * 1.15)
+    ax.set_xlim(min(min(values), ticks[0]) / 1.15, max(max(values), ticks[-1]) * 1.15)
 
 
 def _width(n_cols: int) -> float:

@@ -79,3 +79,17 @@ def test_pareto_frontier():
     ppl = np.array([16.0, 21.0, 19.0, 48.0, 4e5, 60.0])
     # by bits: 2.5 (4e5) < 3.5 (48) < 4.5 (19) < 16 (16); 4.5@21 and 3.5@60 are dominated
     assert list(pareto_frontier(bits, ppl)) == [4, 3, 2, 0]
+
+
+def test_bits_axis_ticks_whole_bit_widths():
+    """Effective bits 4.03 / 4.31 / 4.5 used to get three overlapping tick labels; the axis ticks whole widths."""
+    import matplotlib.pyplot as plt
+
+    from ptqbench.plots import _bits_axis
+
+    fig, ax = plt.subplots()
+    _bits_axis(ax, pd.Series([2.281, 2.985, 3.297, 3.5, 4.029, 4.312, 4.5, 8.023, 16.0]))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "3", "4", "8", "16"]
+    lo, hi = ax.get_xlim()
+    assert lo < 2.281 and hi > 16.0
+    plt.close(fig)
