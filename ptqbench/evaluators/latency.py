@@ -20,8 +20,8 @@ def latency(cell: CellContext, cfg: dict) -> list[dict]:
                         warmup=int(cfg.get("warmup", 25)), rep=int(cfg.get("rep", 100)))
     # the rows belong to this cell: label them with its scheme, so that W4A8 and W4A4 cells of one method (same
     # weight format) stay apart in tables; the kernels keep activations in 16 bits, and the protocol says so
+    s = cell.scheme
+    note = f"; kernel W{s.w_bits}xA16: the scheme's A{s.a_bits} is not fused" if s.a_bits < 16 else ""
     for r in rows:
-        if cell.scheme.a_bits < 16:
-            r["protocol"] += f"; kernel W{cell.scheme.w_bits}xA16: the scheme's A{cell.scheme.a_bits} is not fused"
-        r.update(quant=cell.scheme.label, a_bits=cell.scheme.a_bits)
+        r.update(quant=s.label, a_bits=s.a_bits, protocol=r["protocol"] + note)
     return rows
