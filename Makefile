@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_SILENT := true
 
-.PHONY: setup setup-gemma run test bench regress clean
+.PHONY: setup setup-gemma run test bench regress regress-taxonomy clean
 
 setup: $(VENV)/.ptqbench-setup
 
@@ -41,6 +41,11 @@ bench: setup
 regress: setup
 	$(PY) -m ptqbench +sweep=smollm2_w4 results_root=results/current force=true
 	$(PY) -m ptqbench.dashboard --baseline results/baselines/smollm2_w4 --current results/current/smollm2_w4 --out results/current/dashboard.html
+
+# rerun the whole embedded taxonomy (scripts/run_taxonomy.sh, about 50 min on 2 cores) against its committed baseline
+regress-taxonomy: setup
+	RESULTS_ROOT=results/current bash scripts/run_taxonomy.sh force=true
+	$(PY) -m ptqbench.dashboard --baseline results/baselines/taxonomy_smollm2 --current results/current/taxonomy_smollm2 --out results/current/dashboard_taxonomy.html
 
 clean:
 	rm -rf outputs multirun results/dev* .pytest_cache

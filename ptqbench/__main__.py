@@ -33,6 +33,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from ptqbench.recipe import register_hydra_recipes
+
+    register_hydra_recipes()  # method=awq+gptq and every other recipe spelling compose like a conf/method file
     _hydra_main()
 
 

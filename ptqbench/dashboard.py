@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ptqbench.errors import ConfigError
-from ptqbench.report import prepare
+from ptqbench.tables import prepare
 from ptqbench.results import COLUMNS, ResultsError, cell_path, load_results
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ptqbench.report import prepare, scheme_bits, slug  # noqa: E402
+from ptqbench.tables import prepare, scheme_bits, slug  # noqa: E402
 
 # Paper size: a two-column figure is ~7 in wide; 8-9 pt text stays readable when printed at that width.
 PAPER_RC = {

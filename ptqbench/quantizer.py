@@ -115,20 +115,35 @@ def register(cls: type[Quantizer]) -> type[Quantizer]:
 
 
 def registry() -> dict[str, type[Quantizer]]:
+    """Every method a user can name without ``+``: the whole methods and the aliases of recipes."""
     import ptqbench.methods  # noqa: F401  (imports every method module, which registers it)
+    from ptqbench.recipe import ALIASES, recipe_class
 
-    return dict(_REGISTRY)
+    return {**_REGISTRY, **{a: recipe_class(a) for a in ALIASES}}
 
 
 def get_method(name: str) -> type[Quantizer]:
-    methods = registry()
-    if name not in methods:
-        raise ConfigError(f"unknown method {name!r}: choose one of {sorted(methods)}")
-    return methods[name]
+    """A whole method (``fp16``, ``pbllm``), an alias (``gptq``, ``awq``...) or a recipe (``awq+gptq``)."""
+    import ptqbench.methods  # noqa: F401
+    from ptqbench.recipe import recipe_class
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if "+" not in name:
+        from ptqbench.recipe import ALIASES, grammar
+        from ptqbench.stages import KINDS, stages
+
+        if name not in ALIASES and not any(name in stages(k) for k in KINDS):
+            raise ConfigError(f"unknown method {name!r}: choose a whole method {sorted(_REGISTRY)}, an alias "
+                              f"{sorted(ALIASES)}, or a recipe ({grammar()})")
+    return recipe_class(name)
 
 
 def build_config(cls: type[Quantizer], params: dict[str, Any]) -> MethodConfig:
     """The method's typed config from a plain dict, refusing unknown keys by name."""
+    make = getattr(cls, "make_config", None)
+    if make is not None:  # recipes: one typed config per stage
+        return make(params)
     names = {f.name for f in dataclasses.fields(cls.config_cls)}
     unknown = sorted(set(params) - names)
     if unknown:

@@ -1,6 +1,8 @@
 """Leaderboard tables from the results store (markdown, LaTeX or csv), and the plots beside them.
 
 ``python -m ptqbench.report <results dir> [--format md|latex|csv] [--out DIR] [--no-plots]``
+``python -m ptqbench.report <results dir> --grid [--format md|latex] [--out DIR]``: transform x rounding grids of the
+recipe results instead (``ptqbench.grid_report``).
 
 One table per model: rows are methods grouped by taxonomy family (and their calibration source), columns are
 bit-width schemes x metrics. Seed replicates (cells that differ only in the seed) are shown as mean +- the 95%
@@ -24,7 +26,10 @@ import numpy as np
 import pandas as pd
 
 from ptqbench.errors import ConfigError
+from ptqbench.grid_report import grid_tables, render_grid, write_grids
 from ptqbench.results import ResultsError, load_results
+from ptqbench.tables import (ProtocolMismatchError, check_protocol, format_number, latex_escape, prepare,
+                             scheme_bits, slug)
 
 # Taxonomy order of the rows; families not listed here come after, alphabetically.
 FAMILY_ORDER = ("baseline", "calibration-free", "compensation", "salience/scaling", "rotation", "optimization",
@@ -38,13 +43,6 @@ METRIC_LABELS = {
 }
 LOWER_IS_BETTER = {"perplexity", "effective_bits", "latency_us", "quant_time_s", "peak_host_mem_gib", "acc_gap"}
 HIGHER_IS_BETTER = {"worst_group_acc", "mean_acc", "acc"}
-# key columns that hold text; missing values become "" so grouping and comparisons treat them alike
-TEXT_COLUMNS = ("model", "method", "family", "quant", "calib", "calib_fingerprint", "metric", "dataset", "group",
-                "status", "protocol", "config_hash", "unit", "error")
-
-
-class ProtocolMismatchError(ResultsError):
-    """Values measured under different protocols would share one table column."""
 
 
 def direction(metric: str) -> int:
@@ -54,30 +52,6 @@ def direction(metric: str) -> int:
     if metric in HIGHER_IS_BETTER or metric.endswith("_acc") or metric.startswith("acc"):
         return 1
     return 0
-
-
-def prepare(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy with text key columns filled ("" for missing) and numeric columns as numbers."""
-    d = df.copy()
-    for col in TEXT_COLUMNS:
-        if col not in d.columns:
-            d[col] = ""
-        d[col] = d[col].astype(object).where(d[col].notna(), "").astype(str)
-    d.loc[d["calib"] == "", "calib"] = "none"
-    for col in ("w_bits", "a_bits", "group_size", "calib_n", "calib_seqlen", "seed", "value", "wall_s"):
-        if col not in d.columns:
-            d[col] = np.nan
-        d[col] = pd.to_numeric(d[col], errors="coerce")
-    return d
-
-
-def scheme_bits(row: pd.Series | dict) -> float:
-    """Weight bits of a scheme: ``w_bits`` when recorded, else parsed from the label (``fp16`` -> 16)."""
-    wb = row.get("w_bits")
-    if wb is not None and not pd.isna(wb):
-        return float(wb)
-    m = re.match(r"(?:w|fp|bf|int)(\d+)", str(row.get("quant", "")))
-    return float(m.group(1)) if m else math.nan
 
 
 def mean_ci(values: list[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -91,14 +65,6 @@ def mean_ci(values: list[float] | np.ndarray, confidence: float = 0.95) -> tuple
         return float(v[0]), math.nan
     half = stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return float(v.mean()), float(half)
-
-
-def format_number(x: float, like: float | None = None) -> str:
-    """Two decimals, or scientific notation for values of 10^4 and above (diverged perplexities)."""
-    ref = abs(like if like is not None else x)
-    if not math.isfinite(x):
-        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
-    return f"{x:.2e}" if ref >= 1e4 else f"{x:.2f}"
 
 
 def format_value(mean: float, half: float | None = None, pm: str = "±") -> str:
@@ -214,13 +180,7 @@ def _check_protocols(d: pd.DataFrame, model: str) -> None:
     """One protocol per column, or a ProtocolMismatchError that names the column and the protocols."""
     measured = d[d["protocol"] != ""]
     for (quant, metric, dataset, group), g in measured.groupby(["quant", "metric", "dataset", "group"]):
-        protos = g.groupby("protocol")["method"].unique()
-        if len(protos) > 1:
-            col = Column(quant, metric, dataset, group).label()
-            listing = "; ".join(f"{p!r} (methods: {', '.join(sorted(map(str, ms)))})" for p, ms in protos.items())
-            raise ProtocolMismatchError(
-                f"model {model}, column '{col}' mixes values measured under different protocols: {listing}; "
-                "filter the results to one protocol or re-run the odd cells")
+        check_protocol(g, f"model {model}, column '{Column(quant, metric, dataset, group).label()}'")
 
 
 def _aggregate(g: pd.DataFrame, row: Row, col: Column) -> Cell:
@@ -341,16 +301,6 @@ def leaderboard(df: pd.DataFrame, metrics: tuple[str, ...] | list[str] = DEFAULT
 
 # --- rendering ---------------------------------------------------------------------------------------------------
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "µ": r"$\mu$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "–": "--", "·": "/",
-                  "×": r"$\times$"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-
-
 def _display_frame(table: Table, fmt: str) -> pd.DataFrame:
     """The table as strings, best values emphasised in the target format."""
     records = []
@@ -434,11 +384,6 @@ def render(table: Table, fmt: str = "md") -> str:
     return FORMATS[fmt][0](table)
 
 
-def slug(text: str) -> str:
-    """A file-name-safe version of a model name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
-
-
 def write_report(df: pd.DataFrame, out: Path, fmt: str, plots: bool = True) -> list[Path]:
     """Write one table file per model (and the plots under ``out/plots``); returns the paths written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -460,10 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=list(FORMATS), default="md", help="table format (default: md)")
     ap.add_argument("--out", type=Path, help="write tables (and plots) into this folder instead of printing")
     ap.add_argument("--no-plots", action="store_true", help="with --out: write the tables only")
+    ap.add_argument("--grid", action="store_true",
+                    help="transform x rounding perplexity grids of the recipes (md or latex) instead of leaderboards")
     args = ap.parse_args(argv)
     try:
         df = load_results(args.results_dir)
-        if args.out is None:
+        if args.grid:
+            if args.out is None:
+                print("\n\n".join(render_grid(t, args.format) for t in grid_tables(df)))
+            else:
+                for path in write_grids(df, args.out, args.format):
+                    print(path)
+        elif args.out is None:
             print("\n\n".join(render(t, args.format) for t in leaderboard(df).values()))
         else:
             for path in write_report(df, args.out, args.format, plots=not args.no_plots):

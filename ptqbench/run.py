@@ -66,7 +66,7 @@ class Cell:
         return {
             "protocol_version": PROTOCOL_VERSION,
             "model": self.model.identity(),
-            "method": self.method_cls.name,
+            "method": getattr(self.method_cls, "recipe", self.method_cls.name),  # aliases hash as their recipe
             "method_cfg": self.method_cfg.to_dict(),
             "scheme": None if self.is_baseline else _scheme_identity(self.scheme),
             "calib": None if self.calib is None else dataclasses.asdict(self.calib),
@@ -184,6 +184,7 @@ def _base_row(cell: Cell, calib: data.Calibration | None, device: str) -> dict[s
     base = cell.is_baseline
     return {
         "model": cell.model.name, "method": cell.method_cls.name, "family": cell.method_cls.family,
+        **_stage_columns(cell.method_cls),
         "w_bits": 16 if base else s.w_bits, "a_bits": 16 if base else s.a_bits,
         "group_size": -1 if base else s.group_size, "sym": False if base else s.sym,
         "quant": "fp16" if base else s.label,
@@ -194,6 +195,13 @@ def _base_row(cell: Cell, calib: data.Calibration | None, device: str) -> dict[s
         "device": _device_name(device), "status": "ok", "error": "", "dataset": "", "group": "", "unit": "",
         "protocol": "",
     }
+
+
+def _stage_columns(cls: type[Quantizer]) -> dict[str, str]:
+    """The recipe's stages as columns (empty for whole methods such as fp16 and pbllm)."""
+    recipe = getattr(cls, "recipe", None)
+    t, r, q = recipe.split("+") if recipe else ("", "", "")
+    return {"transform": t, "range": r, "rounding": q}
 
 
 # ------------------------------------------------------------------------------------------------ the cell

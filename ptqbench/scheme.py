@@ -219,6 +219,27 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> Quan
                            g_idx.to(torch.int32).cpu(), sym)
 
 
+def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """RTN quantize-dequantize ``w`` (out, in) with min-max groups along the input (``compute_qparams`` +
+    ``fake_quantize`` in one pass of in-place ops: search loops such as AWQ's run it 20 times per group and layer)."""
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    if in_f % gs:  # partial last group: the shared (slower) path
+        return rtn_quantize(w, bits, group_size, sym).dequantize().to(w.device)
+    g = w.float().reshape(-1, gs)  # (out · n_groups, gs)
+    maxq = 2**bits - 1
+    if sym:
+        scale = (2 * g.abs().amax(dim=1, keepdim=True) / maxq).clamp_min_(1e-8)
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        lo = g.amin(dim=1, keepdim=True).clamp_(max=0)  # (two reductions are faster than aminmax on CPU)
+        hi = g.amax(dim=1, keepdim=True).clamp_(min=0)
+        scale = ((hi - lo) / maxq).clamp_min_(1e-8)
+        zero = torch.round(-lo / scale).clamp_(0, maxq)
+    q = torch.div(g, scale).round_().add_(zero).clamp_(0, maxq)
+    return q.sub_(zero).mul_(scale).reshape(out_f, in_f)
+
+
 def quantize_activation(x: torch.Tensor, bits: int, mode: str, sym: bool = True,
                         static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Fake-quantize activations ``x`` (..., features): per-token dynamic, or per-tensor with a static scale."""

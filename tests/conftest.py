@@ -38,6 +38,9 @@ def compose():
     from hydra import initialize_config_dir
 
     from ptqbench import conf_dir
+    from ptqbench.recipe import register_hydra_recipes
+
+    register_hydra_recipes()  # as python -m ptqbench does
 
     def _compose(overrides: list[str], return_hydra_config: bool = False):
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

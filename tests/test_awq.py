@@ -9,10 +9,14 @@ import torch
 from torch import nn
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.awq import (AWQ, AWQConfig, apply_clip, awq_scales, fake_quant, fold_into_norm, fold_into_rows,
-                                  group_gram, linear_scale_loss, search_alpha, search_clip)
-from ptqbench.quantizer import build_config
+from ptqbench.methods.range.clip import ClipConfig, apply_clip, search_clip
+from ptqbench.methods.rounding.nearest import NearestConfig
+from ptqbench.methods.transform.awq import AWQScaleConfig, awq_scales, linear_scale_loss, search_alpha
+from ptqbench.methods.transform.folding import fold_into_norm, fold_into_rows
+from ptqbench.quantizer import build_config, get_method
 from ptqbench.scheme import QuantScheme, compute_qparams, fake_quantize, rtn_quantize
+from ptqbench.scheme import rtn_fake_quant as fake_quant
+from ptqbench.stages import group_gram
 
 
 def _outlier_layer(seed: int = 0, n: int = 2048, d_in: int = 256, d_out: int = 128):
@@ -108,28 +112,36 @@ def test_folding_is_exact() -> None:
 
 
 def test_bad_inputs() -> None:
+    awq = get_method("awq")
     with pytest.raises(ConfigError, match="a_bits"):
-        AWQ(QuantScheme(w_bits=4, group_size=-1, a_bits=4))
+        awq(QuantScheme(w_bits=4, group_size=-1, a_bits=4))
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="alpha"):
-            build_config(AWQ, {"alpha": bad})
+            build_config(awq, {"transform": {"alpha": bad}})
     with pytest.raises(ConfigError, match="n_grid"):
-        AWQConfig(n_grid=0)
+        AWQScaleConfig(n_grid=0)
     with pytest.raises(ConfigError, match="max_shrink"):
-        AWQConfig(max_shrink=1.0)
+        ClipConfig(max_shrink=1.0)
+    with pytest.raises(ConfigError, match="max_shrink"):
+        build_config(awq, {"range": {"max_shrink": 1.0}})
     with pytest.raises(ConfigError, match="no parameter"):
-        build_config(AWQ, {"duo_scaling": True})
+        build_config(awq, {"transform": {"duo_scaling": True}})
+    with pytest.raises(ConfigError, match="no parameter"):  # flat (pre-recipe) parameters are refused by name
+        build_config(awq, {"alpha": 0.5})
 
 
 def test_config_composes_and_refuses_w4a4(compose) -> None:
     from ptqbench.run import resolve
 
     cell = resolve(compose(["method=awq", "quant=w3g64"]))
-    assert cell.method_cls is AWQ and cell.method_cfg == AWQConfig() and cell.calib is not None
-    with pytest.raises(ConfigError, match="awq does not support a_bits=4"):
+    assert cell.method_cls is get_method("awq") and cell.method_cls.recipe == "awq+clip+nearest"
+    cfg = cell.method_cfg
+    assert (cfg.transform, cfg.range, cfg.rounding) == (AWQScaleConfig(), ClipConfig(), NearestConfig())
+    assert cell.calib is not None
+    with pytest.raises(ConfigError, match="awq transform stage does not support a_bits=4"):
         resolve(compose(["method=awq", "quant=w4a4"]))
     with pytest.raises(ConfigError, match="alpha"):
-        resolve(compose(["method=awq", "quant=w3g64", "method.params.alpha=1.5"]))
+        resolve(compose(["method=awq", "quant=w3g64", "method.params.transform.alpha=1.5"]))
 
 
 @pytest.mark.slow
@@ -137,13 +149,13 @@ def test_awq_beats_rtn_on_truncated_model(truncated_smol) -> None:
     """W3 g64 on the first 2 layers: AWQ's output error is well below RTN's (the paper's claim at low bits)."""
     from conftest import last_hidden
 
-    from ptqbench.methods.rtn import RTN
-
     model, calib, ids = truncated_smol(2)
     ref = last_hidden(model, ids)
     scheme = QuantScheme(w_bits=3, group_size=64)
     errs, info = {}, {}
-    for name, q in (("rtn", RTN(scheme)), ("awq", AWQ(scheme, AWQConfig(search_tokens=256)))):
+    awq = get_method("awq")
+    for name, q in (("rtn", get_method("rtn")(scheme)),
+                    ("awq", awq(scheme, build_config(awq, {"transform": {"search_tokens": 256}})))):
         m = copy.deepcopy(model)
         res = q.quantize(m, calib)
         assert len(res.layers) == 2 * 7

@@ -19,7 +19,7 @@ SWEEPS = sorted(p.stem for p in (conf_dir() / "sweep").glob("*.yaml"))
 def _combos(cfg):
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     keys = list(params)
-    values = [str(params[k]).split(",") for k in keys]
+    values = [[v.strip() for v in str(params[k]).split(",")] for k in keys]
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*values)]
 
 
@@ -57,18 +57,19 @@ def test_hash_ignores_paths_and_logger_but_not_seed(compose):
     assert run_mod.resolve(compose(["method=gptq", "results_root=/tmp/x", "sweep_name=other"])).config_hash == base
     assert run_mod.resolve(compose(["method=gptq", "seed=1"])).config_hash != base
     assert run_mod.resolve(compose(["method=gptq", "calib=code"])).config_hash != base
-    assert run_mod.resolve(compose(["method=gptq", "method.params.percdamp=0.1"])).config_hash != base
+    assert run_mod.resolve(compose(["method=gptq", "method.params.rounding.percdamp=0.1"])).config_hash != base
     # methods without calibration do not depend on calib or seed
     assert run_mod.resolve(compose(["method=rtn", "seed=3", "calib=code"])).config_hash == \
         run_mod.resolve(compose(["method=rtn"])).config_hash
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["method=gptq", "quant=w4a4"], "does not support a_bits=4"),
+    (["method=awq", "quant=w4a4"], "awq transform stage does not support a_bits=4"),
     (["method=rtn", "quant.w_bits=16"], "does not support w_bits=16"),
     (["quant.w_bits=9"], "w_bits=9"),
     (["method=gptq", "+method.params.nope=1"], "has no parameter"),
-    (["method=gptq", "method.params.percdamp=-1"], "percdamp"),
+    (["method=gptq", "+method.params.rounding.nope=1"], "gptq rounding stage has no parameter"),
+    (["method=gptq", "method.params.rounding.percdamp=-1"], "gptq.percdamp=-1"),
     (["eval.perplexity.datasets=[nope]"], "unknown text source"),
     (["calib=docs", "calib.sources.docs=0"], "must be > 0"),
     (["calib.n_samples=0"], "n_samples"),
@@ -82,6 +83,13 @@ def test_bad_input_fails_before_loading(compose, overrides, match):
     assert not any(isinstance(k, tuple) and k[0] == "model" for k in run_mod._CACHE)
 
 
+def test_gptq_rounding_accepts_weight_activation_schemes(compose):
+    # GPTQ is a rounding stage: with quantized activations (quarot+gptq's W4A4) it is accepted, unlike awq above
+    for method in ("gptq", "quarot"):
+        cell = run_mod.resolve(compose([f"method={method}", "quant=w4a4"]))
+        assert cell.scheme.a_bits == 4 and cell.method_cls.recipe.endswith("+minmax+gptq")
+
+
 def test_hub_model_offline_is_a_clear_error(compose, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cell = run_mod.resolve(compose(["model=llama2_7b", "quant=w3g128"]))
@@ -91,12 +99,12 @@ def test_hub_model_offline_is_a_clear_error(compose, monkeypatch):
 
 def test_cli_one_line_error_and_unknown_name(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-m", "ptqbench", "method=gptq", "quant=w4a4", f"results_root={tmp_path}"],
+    p = subprocess.run([sys.executable, "-m", "ptqbench", "method=awq", "quant=w4a4", f"results_root={tmp_path}"],
                        cwd=root, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     errs = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert errs == ["error: method gptq does not support a_bits=4 (weight-only methods take a_bits=16): "
-                    "choose quant with a_bits in [16]"]
+    assert errs == ["error: method awq: the awq transform stage does not support a_bits=4: "
+                    "choose quant with a_bits in [16] (it is weight-only)"]
     assert "Traceback" not in p.stderr
     p = subprocess.run([sys.executable, "-m", "ptqbench", "method=nope"], cwd=root, capture_output=True, text=True,
                        timeout=300)

@@ -5,7 +5,7 @@ import torch
 
 from ptqbench.errors import ConfigError
 from ptqbench.scheme import rtn_quantize
-from ptqbench.methods.gptq import GPTQConfig, gptq_quantize
+from ptqbench.methods.rounding.gptq import GPTQConfig, gptq_quantize
 
 
 def _layer(out=96, inp=256, n=2048, seed=0):

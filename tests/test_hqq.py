@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.hqq import HQQ, HQQConfig, hqq_quantize, hqq_zero, shrink_lp
-from ptqbench.quantizer import QuantResult, build_config
+from ptqbench.methods.range.hqq import HQQConfig, hqq_quantize, hqq_zero, shrink_lp
+from ptqbench.quantizer import QuantResult, build_config, get_method
 from ptqbench.scheme import QuantScheme, rtn_quantize
 
 
@@ -76,17 +76,21 @@ def test_storage_is_fp16_zeros_counted_honestly() -> None:
 
 
 def test_bad_inputs() -> None:
+    hqq = get_method("hqq")
+    assert hqq.recipe == "none+hqq+nearest"
     with pytest.raises(ConfigError, match="a_bits"):
-        HQQ(QuantScheme(w_bits=4, group_size=64, a_bits=8))
-    with pytest.raises(ConfigError, match="sym"):
-        HQQ(QuantScheme(w_bits=4, group_size=64, sym=True))
+        hqq(QuantScheme(w_bits=4, group_size=64, a_bits=8))
+    with pytest.raises(ConfigError, match="asymmetric scheme: set quant.sym=false"):
+        hqq(QuantScheme(w_bits=4, group_size=64, sym=True))
     with pytest.raises(ConfigError, match="lp_norm"):
-        build_config(HQQ, {"lp_norm": 1.5})
+        build_config(hqq, {"range": {"lp_norm": 1.5}})
     with pytest.raises(ConfigError, match="kappa"):
         HQQConfig(kappa=1.0)
     with pytest.raises(ConfigError, match="iters"):
         HQQConfig(iters=0)
-    assert HQQ.requires_calibration is False
+    with pytest.raises(ConfigError, match="use none[+]hqq[+]nearest"):  # GPTQ would rewrite the fitted weight
+        get_method("none+hqq+gptq")
+    assert hqq.requires_calibration is False
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +118,13 @@ def test_hqq_lowers_weight_error_of_every_real_linear(truncated) -> None:
     "with massive activations (E[x²] ~1e4 at down_proj of layer 11) have near-zero weights that RTN's integer zero "
     "represents almost exactly; the full embedded eval at W3 g64 is worse than RTN too (see methods/README.md)"))
 def test_hqq_beats_rtn_output_error_on_truncated_model(truncated) -> None:
-    from ptqbench.methods.rtn import RTN
-
     from conftest import last_hidden
 
     model, ids = truncated
     ref = last_hidden(model, ids)
     errs = {}
     scheme = QuantScheme(w_bits=3, group_size=64)
-    for name, q in (("rtn", RTN(scheme)), ("hqq", HQQ(scheme))):
+    for name, q in (("rtn", get_method("rtn")(scheme)), ("hqq", get_method("hqq")(scheme))):
         m = copy.deepcopy(model)
         res = q.quantize(m, None)  # calibration-free
         assert len(res.layers) == 4 * 7

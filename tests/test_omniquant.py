@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.omniquant import (OmniQuant, OmniQuantConfig, init_lwc, lwc_fake_quant, lwc_quantized_weight,
-                                        train_lwc)
+from ptqbench.methods.range.lwc import LWCConfig, init_lwc, lwc_fake_quant, lwc_quantized_weight, train_lwc
+from ptqbench.quantizer import build_config, get_method
 from ptqbench.scheme import QuantScheme, rtn_quantize
 
 
@@ -91,8 +91,7 @@ def _truncated(smol, n_layers: int):
 @pytest.mark.slow
 def test_end_to_end_uses_fp_targets_and_beats_rtn(smol, monkeypatch):
     from ptqbench.data import CalibSpec, draw_calibration
-    from ptqbench.methods import omniquant as om
-    from ptqbench.methods.rtn import RTN
+    from ptqbench.methods.range import lwc as om
 
     model = _truncated(smol, 2)
     calib = draw_calibration(CalibSpec("docs", (("docs", 1.0),), 4, 64), 0, smol.tokenizer, "smol-test")
@@ -115,7 +114,8 @@ def test_end_to_end_uses_fp_targets_and_beats_rtn(smol, monkeypatch):
     monkeypatch.setattr(om, "train_lwc", spy)
     scheme = QuantScheme(w_bits=2, group_size=64)
     q = copy.deepcopy(model)
-    res = OmniQuant(scheme, OmniQuantConfig(epochs=2, lr=5e-2)).quantize(q, calib)
+    omniquant = get_method("omniquant")
+    res = omniquant(scheme, build_config(omniquant, {"range": {"epochs": 2, "lr": 5e-2}})).quantize(q, calib)
     assert len(res.layers) == 14 and res.info["epochs"] == 2
     with torch.no_grad():
         fp_layer2_out = model.model.layers[1](fp_layer1_in, position_embeddings=model.model.rotary_emb(
@@ -124,7 +124,7 @@ def test_end_to_end_uses_fp_targets_and_beats_rtn(smol, monkeypatch):
     assert torch.allclose(seen[1], fp_layer2_out, atol=1e-4)  # layer 1's target: FP layer 1 on FP inputs
 
     r = copy.deepcopy(model)
-    RTN(scheme).quantize(r, None)
+    get_method("rtn")(scheme).quantize(r, None)
     with torch.no_grad():
         err_omni = float((q.model(input_ids=ids).last_hidden_state - ref).norm() / ref.norm())
         err_rtn = float((r.model(input_ids=ids).last_hidden_state - ref).norm() / ref.norm())
@@ -134,12 +134,18 @@ def test_end_to_end_uses_fp_targets_and_beats_rtn(smol, monkeypatch):
 
 
 def test_bad_inputs_raise_config_error():
+    omniquant = get_method("omniquant")
+    assert omniquant.recipe == "none+lwc+nearest"
     for epochs in (0, -1):
         with pytest.raises(ConfigError):
-            OmniQuantConfig(epochs=epochs)
+            LWCConfig(epochs=epochs)
+        with pytest.raises(ConfigError):
+            build_config(omniquant, {"range": {"epochs": epochs}})
     with pytest.raises(ConfigError):
-        OmniQuantConfig(lr=0.0)
-    with pytest.raises(ConfigError):
-        OmniQuant(QuantScheme(w_bits=4, group_size=64, a_bits=8))  # LWC only: weight-only
+        LWCConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="a_bits=8"):
+        omniquant(QuantScheme(w_bits=4, group_size=64, a_bits=8))  # LWC only: weight-only
+    with pytest.raises(ConfigError, match="lwc range fits"):  # learned clipping assumes nearest rounding
+        get_method("lwc+gptq")
     with pytest.raises(ConfigError):
         QuantScheme(w_bits=1)

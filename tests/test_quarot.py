@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.quarot import QuaRot, QuaRotConfig, hadamard, random_orthogonal, rotate_model, rotation
-from ptqbench.methods.rtn import RTN
+from ptqbench.methods.transform.quarot import QuaRotConfig, hadamard, random_orthogonal, rotate_model, rotation
+from ptqbench.quantizer import build_config, get_method
 from ptqbench.scheme import QuantScheme
 
 
@@ -126,8 +126,8 @@ def test_quarot_w4a4_beats_rtn_on_truncated_smollm2(smol):
     model = _truncated(smol, 4)
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     scheme = QuantScheme(w_bits=4, group_size=-1, a_bits=4)
-    err_rtn, _ = _activation_error(model, ids, scheme, RTN)
-    err_quarot, res = _activation_error(model, ids, scheme, QuaRot, QuaRotConfig(inner="rtn"))
+    err_rtn, _ = _activation_error(model, ids, scheme, get_method("rtn"))
+    err_quarot, res = _activation_error(model, ids, scheme, get_method("quarot+rtn"))  # QuaRot-RTN
     assert err_quarot < 0.7 * err_rtn, (err_quarot, err_rtn)
     assert len(res.layers) == 4 * 7 and res.info["rotation_is_hadamard"] == 1
 
@@ -139,17 +139,23 @@ def test_quarot_gptq_end_to_end_on_truncated_smollm2(smol):
     model = _truncated(smol, 2)
     calib = draw_calibration(CalibSpec("docs", (("docs", 1.0),), 4, 64), 0, smol.tokenizer, "smol-test")
     scheme = QuantScheme(w_bits=4, group_size=-1, a_bits=4)  # W4A4: GPTQ inside QuaRot with quantized activations
-    res = QuaRot(scheme, QuaRotConfig(inner="gptq")).quantize(model, calib)
-    assert res.info["inner_gptq"] == 1 and len(res.layers) == 2 * 7
+    quarot = get_method("quarot")
+    assert quarot.recipe == "quarot+minmax+gptq"  # the alias is QuaRot with GPTQ rounding (the paper's main setting)
+    res = quarot(scheme).quantize(model, calib)
+    assert res.info["rotation_is_hadamard"] == 1 and len(res.layers) == 2 * 7
     lin = model.model.layers[1].mlp.down_proj
     assert torch.equal(lin.weight.data, res.layers["model.layers.1.mlp.down_proj"].dequantize())
 
 
 def test_bad_inputs_raise_config_error():
-    with pytest.raises(ConfigError):
-        QuaRotConfig(inner="awq")
-    for a in (4, 8, 16):  # QuaRot's settings are accepted
-        QuaRot.check_scheme(QuantScheme(w_bits=4, group_size=-1, a_bits=a))
+    with pytest.raises(ConfigError):  # two transforms: awq cannot be QuaRot's weight quantizer
+        get_method("quarot+awq")
+    with pytest.raises(ConfigError, match="no parameter"):  # GPTQ's settings are the rounding stage's now
+        build_config(get_method("quarot"), {"transform": {"inner": "rtn"}})
+    assert build_config(get_method("quarot"), {"transform": {"seed": 3}}).transform == QuaRotConfig(seed=3)
+    for name in ("quarot", "quarot+rtn"):
+        for a in (4, 8, 16):  # QuaRot's settings are accepted
+            get_method(name).check_scheme(QuantScheme(w_bits=4, group_size=-1, a_bits=a))
     with pytest.raises(ConfigError):
         QuantScheme(w_bits=4, a_bits=6)  # unsupported activation bits
     with pytest.raises(ConfigError):
@@ -158,6 +164,6 @@ def test_bad_inputs_raise_config_error():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ConfigError, match="architecture|GPT2|support"):  # rotations need a Llama-style model
-        QuaRot(QuantScheme(w_bits=4, group_size=32), QuaRotConfig(inner="rtn")).quantize(gpt2, None)
-    with pytest.raises(ValueError, match="calibration"):  # the default inner GPTQ needs calibration data
-        QuaRot(QuantScheme(w_bits=4, group_size=32), QuaRotConfig()).quantize(gpt2, None)
+        get_method("quarot+rtn")(QuantScheme(w_bits=4, group_size=32)).quantize(gpt2, None)
+    with pytest.raises(ValueError, match="calibration"):  # the alias's GPTQ rounding needs calibration data
+        get_method("quarot")(QuantScheme(w_bits=4, group_size=32)).quantize(gpt2, None)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ptqbench.report import (ProtocolMismatchError, direction, format_value, leaderboard, main, mean_ci, render)
+from ptqbench.report import direction, format_value, leaderboard, main, mean_ci, render
 from ptqbench.results import ResultsError, to_frame, write_cell
+from ptqbench.tables import ProtocolMismatchError
 
 PPL = "ppl:concat-windows;split=eval;seq_len=512;windows=40;tokens=20480"
 ACC = "acc:worst-group;task=domains"

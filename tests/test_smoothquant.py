@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.awq import fold_into_norm, scale_columns
-from ptqbench.methods.smoothquant import SmoothQuant, SmoothQuantConfig, smooth_scales
-from ptqbench.quantizer import build_config
+from ptqbench.methods.range.minmax import MinMaxConfig
+from ptqbench.methods.rounding.nearest import NearestConfig
+from ptqbench.methods.transform.folding import fold_into_norm, scale_columns
+from ptqbench.methods.transform.smoothquant import SmoothQuantConfig, smooth_scales
+from ptqbench.quantizer import build_config, get_method
 from ptqbench.scheme import QuantScheme, quantize_activation
 
 
@@ -75,27 +77,34 @@ def test_smoothing_reduces_w8a8_error_with_static_per_tensor_activations() -> No
 
 
 def test_bad_inputs() -> None:
+    sq = get_method("smoothquant")
     for bad in (-0.5, 1.01):
         with pytest.raises(ConfigError, match="alpha"):
-            build_config(SmoothQuant, {"alpha": bad})
-    with pytest.raises(ConfigError, match="w_bits=3"):
-        SmoothQuant(QuantScheme(w_bits=3, group_size=64))
-    with pytest.raises(ConfigError, match="w_bits=2"):
-        SmoothQuant(QuantScheme(w_bits=2, group_size=-1, a_bits=8))
+            build_config(sq, {"transform": {"alpha": bad}})
+    # the smoothing transform is bit-agnostic: any weight width is accepted (the range/rounding stages set it)
+    assert sq(QuantScheme(w_bits=3, group_size=64)).scheme.w_bits == 3
+    assert sq(QuantScheme(w_bits=2, group_size=-1, a_bits=8)).scheme.w_bits == 2
+    # ... but a weight-only stage in the same recipe still refuses quantized activations
+    with pytest.raises(ConfigError, match="lwc range stage does not support a_bits=8"):
+        get_method("smoothquant+lwc")(QuantScheme(w_bits=8, group_size=-1, sym=True, a_bits=8))
     with pytest.raises(ConfigError, match="batch_size"):
         SmoothQuantConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_config(sq, {"transform": {"batch_size": 0}})
 
 
 def test_config_composes(compose) -> None:
     from ptqbench.run import resolve
 
     cell = resolve(compose(["method=smoothquant", "quant=w8a8"]))
-    assert cell.method_cls is SmoothQuant and cell.method_cfg == SmoothQuantConfig()
+    assert cell.method_cls is get_method("smoothquant") and cell.method_cls.recipe == "smoothquant+minmax+nearest"
+    cfg = cell.method_cfg
+    assert (cfg.transform, cfg.range, cfg.rounding) == (SmoothQuantConfig(), MinMaxConfig(), NearestConfig())
     assert cell.scheme.a_bits == 8 and cell.scheme.a_mode == "static_per_tensor" and cell.calib is not None
-    with pytest.raises(ConfigError, match="w_bits=3"):
-        resolve(compose(["method=smoothquant", "quant=w3g64"]))
+    w3 = resolve(compose(["method=smoothquant", "quant=w3g64"]))  # bit-agnostic transform: W3 composes
+    assert w3.scheme.w_bits == 3 and w3.calib is not None
     with pytest.raises(ConfigError, match="alpha"):
-        resolve(compose(["method=smoothquant", "quant=w8a8", "method.params.alpha=2"]))
+        resolve(compose(["method=smoothquant", "quant=w8a8", "method.params.transform.alpha=2"]))
 
 
 @pytest.mark.slow
@@ -103,13 +112,11 @@ def test_smoothquant_matches_or_beats_rtn_w8a8_on_truncated_model(truncated_smol
     from conftest import last_hidden
 
     from ptqbench.actquant import attach_activation_quant
-    from ptqbench.methods.rtn import RTN
-
     model, calib, ids = truncated_smol(4)
     ref = last_hidden(model, ids)
     scheme = QuantScheme(w_bits=8, group_size=-1, sym=True, a_bits=8, a_mode="static_per_tensor")
     errs = {}
-    for name, q in (("rtn", RTN(scheme)), ("smoothquant", SmoothQuant(scheme))):
+    for name, q in (("rtn", get_method("rtn")(scheme)), ("smoothquant", get_method("smoothquant")(scheme))):
         m = copy.deepcopy(model)
         res = q.quantize(m, calib)
         attach_activation_quant(m, list(res.layers), scheme, calib.input_ids)  # what run() does next

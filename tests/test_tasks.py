@@ -146,10 +146,10 @@ def test_tasks_evaluator_end_to_end(smol):
     assert "ptqbench_nextpassage v1" in rows[("acc", "code")]["protocol"]
     assert smol.tokenizer.pad_token == pad_before  # HFLM got a copy: the process-wide tokenizer is untouched
 
-    from ptqbench.methods.rtn import RTN
+    from ptqbench.quantizer import get_method
 
     model = copy.deepcopy(smol.model)
-    RTN(QuantScheme(w_bits=2, group_size=64)).quantize(model, None)  # W2: near-random model
+    get_method("rtn")(QuantScheme(w_bits=2, group_size=64)).quantize(model, None)  # W2: near-random model
     qctx = CellContext(model, smol.tokenizer, smol.tokenizer_id, "smollm2_135m", "cpu", None, None, False, 0, None,
                        cache)
     q = {(r["metric"], r["group"]): r["value"] for r in T.task_rows(qctx, cfg)}

@@ -1,4 +1,4 @@
-"""``quarot``: QuaRot — Outlier-Free 4-Bit Inference in Rotated LLMs.
+"""``quarot`` transform: QuaRot — Outlier-Free 4-Bit Inference in Rotated LLMs.
 
 Ashkboos, Mohtashami, Croci, Li, Cameron, Jaggi, Alistarh, Hoefler, Hensman, NeurIPS 2024,
 https://arxiv.org/abs/2404.00456.
@@ -17,13 +17,14 @@ activations). The floating-point model's outputs do not change:
    intermediate activations) and before the attention output projection, with the weight rotated to match
    (``W ← W·H``, the hook computes ``x·H``), so the inputs that the activation quantizers see are incoherent too.
 
-The weights are then quantized by an inner quantizer: ``inner=gptq`` (default, the paper's main setting:
-``methods/gptq.py``'s ``gptq_quantize`` through the shared sequential pipeline, on calibration inputs of the rotated
-model) or ``inner=rtn`` (the paper's QuaRot-RTN: round-to-nearest on the rotated weights, no calibration used).
-On SmolLM2 QuaRot-RTN is much worse than plain RTN at W3 (v_proj and gate/up_proj become far more sensitive to
-rounding error once the residual is rotated; see methods/README.md), which is why the GPTQ default matters. Activation quantizers (the scheme's ``a_bits``)
-are attached by the run loop after ``quantize()``; hooks run in registration order, so the online rotations run
-before them and the activations are quantized in the rotated basis.
+The rotations are a model-level transform stage; the weights are then quantized by the recipe's range and
+rounding stages. The alias ``quarot`` is ``quarot+minmax+gptq`` (the paper's main setting: GPTQ through the shared
+sequential pipeline, on calibration inputs of the rotated model); ``quarot+rtn`` is the paper's QuaRot-RTN
+(round-to-nearest on the rotated weights, no calibration data drawn). On SmolLM2 QuaRot-RTN is much worse than plain
+RTN at W3 (v_proj and gate/up_proj become far more sensitive to rounding error once the residual is rotated; see
+methods/README.md), which is why the GPTQ default matters. Activation quantizers (the scheme's ``a_bits``) are
+attached by the run loop after quantization; hooks run in registration order, so the online rotations run before
+them and the activations are quantized in the rotated basis.
 
 Hadamard matrices: ``hadamard(n)`` builds a genuine (orthogonal, ±1/√n entries) Hadamard matrix as the Kronecker
 product of a Sylvester matrix (order 2^k) and a Paley matrix (Paley I: order q+1 for a prime q ≡ 3 mod 4; Paley II:
@@ -34,7 +35,8 @@ instead; ``QuantResult.info`` records ``rotation_is_hadamard`` (residual ``Q``),
 ``online_o_is_hadamard`` as 1/0.
 
 Paper defaults kept: randomized Hadamard on the residual, online Hadamard before down_proj, lm_head kept in
-floating point (the scheme's ``keep_fp``), GPTQ settings of ``methods/gptq.py`` (1% dampening, 128-column blocks).
+floating point (the scheme's ``keep_fp``), GPTQ settings of ``methods/rounding/gptq.py`` (1% dampening, 128-column
+blocks).
 Deviations (documented):
 
 - The paper splits the attention-output rotation into a per-head Hadamard fused offline into W_v/W_o and an
@@ -47,8 +49,6 @@ Deviations (documented):
   per-channel weights with a clipping-ratio search.
 - The tied lm_head of models such as SmolLM2 is untied (its weight cloned into a new parameter) before folding: the
   embedding is rotated on its own and the lm_head gets the final norm's scale; this doubles that matrix in memory.
-- ``requires_calibration`` is a class attribute, so it is True for both inner quantizers (``inner=gptq`` needs the
-  calibration set); with ``inner=rtn`` the calibration set is drawn but not used.
 
 Supported models: Llama-style decoders (Llama, Mistral, Qwen2/3): RMSNorm, q/k/v/o and gate/up/down projections.
 """
@@ -64,33 +64,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
-from ptqbench.models import decoder_layers, linear_layers
-from ptqbench.pipeline import LayerContext, LayerwiseQuantizer, target_linears
-from ptqbench.quantizer import MethodConfig, QuantResult, register, set_linear_weight
-from ptqbench.scheme import QuantizedWeight, rtn_quantize
+from ptqbench.models import decoder_layers
+from ptqbench.quantizer import MethodConfig
+from ptqbench.stages import Transform, register_stage
 
-INNER = ("rtn", "gptq")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
 class QuaRotConfig(MethodConfig):
-    inner: str = "gptq"  # weight quantizer after the rotations: gptq (paper) | rtn (the paper's QuaRot-RTN)
     seed: int = 0  # draws the ±1 signs of the randomized residual Hadamard (and any random orthogonal fallback)
     online_down: bool = True  # online Hadamard before down_proj (paper)
     online_o_proj: bool = True  # online Hadamard before o_proj (paper: per-head part fused into W_v, rest online)
-    percdamp: float = 0.01  # inner=gptq: dampening, fraction of the mean Hessian diagonal
-    blocksize: int = 128  # inner=gptq: lazy batch-update block (columns)
-    act_order: bool = True  # inner=gptq: columns by decreasing Hessian diagonal (methods/gptq.py default)
-
-    def __post_init__(self) -> None:
-        if self.inner not in INNER:
-            raise ConfigError(f"quarot.inner={self.inner!r}: use one of {list(INNER)}")
-        if not 0 < self.percdamp < 1:
-            raise ConfigError(f"quarot.percdamp={self.percdamp}: use a value in (0, 1), GPTQ uses 0.01")
-        if self.blocksize < 1:
-            raise ConfigError(f"quarot.blocksize={self.blocksize}: use a positive number of columns (GPTQ: 128)")
-        super().__post_init__()
 
 
 # ------------------------------------------------------------------------------------------------ matrices
@@ -324,58 +309,25 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, onli
     return info
 
 
-# ------------------------------------------------------------------------------------------------ the method
-@register
-class QuaRot(LayerwiseQuantizer):
-    """QuaRot (Ashkboos et al., 2024): Hadamard rotations that remove outliers, then RTN or GPTQ on the weights."""
+# ------------------------------------------------------------------------------------------------ the stage
+@register_stage
+class QuaRot(Transform):
+    """QuaRot (Ashkboos et al., 2024): Hadamard rotations that remove outliers, fused into the weights (model-level)."""
 
     name = "quarot"
     family = "rotation"
     config_cls = QuaRotConfig
-    requires_calibration = True  # for inner=gptq; class-level, so inner=rtn draws a set it does not use
-    supported_w_bits = (2, 3, 4, 5, 6, 7, 8)
-    supported_a_bits = (4, 8, 16)
+    level = "model"
     paper = "https://arxiv.org/abs/2404.00456"
     config: QuaRotConfig
 
-    def prepare(self, model: nn.Module, calibration: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._info: dict[str, float] = {}
+
+    def info(self) -> dict[str, float]:
+        return dict(self._info)
+
+    def apply_model(self, model: nn.Module, calibration: Any) -> None:
         c = self.config
         self._info = rotate_model(model, c.seed, c.online_down, c.online_o_proj)
-
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
-        """inner=gptq: GPTQ's true-sequential loop on the rotated layer (the online hooks run before the Hessian
-        hooks, so the Hessians are those of the rotated inputs). ``gptq_quantize`` is called directly: the GPTQ
-        class itself refuses a_bits < 16, which QuaRot supports."""
-        from ptqbench.methods.gptq import gptq_quantize
-
-        c, sch = self.config, self.scheme
-        targets = set(ctx.targets)
-        linears = ctx.linears
-        out: dict[str, QuantizedWeight] = {}
-        for group in ([n for n in g if n in targets] for g in ctx.groups()):
-            if not group:
-                continue
-            hs = ctx.hessians(group)
-            for name in group:
-                qw = gptq_quantize(linears[name].weight.data, hs[name], sch.w_bits, sch.group_size, sch.sym,
-                                   c.percdamp, c.blocksize, c.act_order)
-                set_linear_weight(linears[name], qw)
-                out[name] = qw
-        return out
-
-    def quantize(self, model: nn.Module, calibration: Any) -> QuantResult:
-        if self.config.inner == "gptq":
-            result = super().quantize(model, calibration)  # prepare() (rotations), then the sequential pipeline
-        else:
-            self.prepare(model, calibration)
-            quant, keep = target_linears(model, self.scheme)
-            mods = linear_layers(model)
-            result = QuantResult(kept_fp=keep)
-            for name in tqdm(quant, desc="quarot rtn", leave=False):
-                qw = rtn_quantize(mods[name].weight.data, self.scheme.w_bits, self.scheme.group_size,
-                                  self.scheme.sym)
-                set_linear_weight(mods[name], qw)
-                result.layers[name] = qw
-        result.info.update(self._info)
-        result.info["inner_gptq"] = float(self.config.inner == "gptq")
-        return result

@@ -1,6 +1,7 @@
-"""``gptq``: GPTQ — Accurate Post-Training Quantization for Generative Pre-trained Transformers.
+"""``gptq`` rounding: GPTQ — Accurate Post-Training Quantization for Generative Pre-trained Transformers.
 
-Frantar, Ashkboos, Hoefler, Alistarh, ICLR 2023, https://arxiv.org/abs/2210.17323.
+Frantar, Ashkboos, Hoefler, Alistarh, ICLR 2023, https://arxiv.org/abs/2210.17323. The alias ``gptq`` is the recipe
+``none+minmax+gptq``; ``quarot`` is ``quarot+minmax+gptq``.
 
 Quantizes a linear column by column and spreads each column's rounding error onto the columns not yet quantized,
 weighted by the inverse Hessian of the layer's squared output error (``H = 2 X Xᵀ`` from calibration inputs).
@@ -10,6 +11,11 @@ each calibrated on inputs produced by the already-quantized parts). ``act_order`
 decreasing Hessian diagonal) is on by default as in the reference code's recommended LLaMA setting;
 ``static_groups`` computes all group ranges before the act-order pass so groups stay contiguous in the original
 column order (kernel-friendly).
+
+With a range stage that chooses the range in the weight domain (``clip``), GPTQ rounds the range stage's
+weight: each group's min-max range is then taken from the clipped columns as GPTQ has updated them. Ranges fitted
+jointly with nearest rounding (``hqq``, ``lwc``) are refused with GPTQ (their fit assumes the weight it was fitted
+on, which GPTQ rewrites column by column).
 
 Deviation (documented): a group's range is computed from the columns as already updated by earlier in-block error
 feedback; the reference code reads them from the not-yet-updated matrix when the group starts inside a block.
@@ -22,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from ptqbench.errors import ConfigError
-from ptqbench.pipeline import LayerContext, LayerwiseQuantizer
-from ptqbench.quantizer import MethodConfig, register, set_linear_weight
+from ptqbench.pipeline import LayerContext
+from ptqbench.quantizer import MethodConfig, set_linear_weight
 from ptqbench.scheme import QuantizedWeight, compute_qparams, few_threads, qmax
+from ptqbench.stages import InputStats, RangeStage, Rounding, register_stage
 
 
 @dataclass
@@ -121,20 +128,19 @@ def gptq_quantize(
                            group_size, g_orig.to(torch.int32).cpu(), sym, meta={"act_order": act_order})
 
 
-@register
-class GPTQ(LayerwiseQuantizer):
+@register_stage
+class GPTQ(Rounding):
     """GPTQ (Frantar et al., 2023): second-order error compensation, layer by layer on calibration data."""
 
     name = "gptq"
     family = "compensation"
     config_cls = GPTQConfig
     requires_calibration = True
-    supported_w_bits = (2, 3, 4, 5, 6, 7, 8)
-    supported_a_bits = (16,)
+    needs_loop = True
     paper = "https://arxiv.org/abs/2210.17323"
     config: GPTQConfig
 
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, ctx: LayerContext, rng: RangeStage) -> dict[str, QuantizedWeight]:
         targets = set(ctx.targets)
         groups = [[n for n in g if n in targets] for g in ctx.groups()]
         groups = [g for g in groups if g]
@@ -143,12 +149,15 @@ class GPTQ(LayerwiseQuantizer):
         linears = ctx.linears
         out: dict[str, QuantizedWeight] = {}
         c, sch = self.config, self.scheme
+        stats = InputStats(ctx, sch.group_size)
         for group in groups:
             hs = ctx.hessians(group)
+            stats.add_hessians(hs)
             for name in group:
                 lin = linears[name]
-                qw = gptq_quantize(lin.weight.data, hs[name], sch.w_bits, sch.group_size, sch.sym, c.percdamp,
-                                   c.blocksize, c.act_order, c.static_groups)
+                w = rng.prepare(name, lin.weight.data, stats)
+                qw = gptq_quantize(w, hs[name], sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize,
+                                   c.act_order, c.static_groups)
                 set_linear_weight(lin, qw)
                 out[name] = qw
         return out

@@ -1,6 +1,9 @@
-"""``omniquant``: OmniQuant — Omnidirectionally Calibrated Quantization for Large Language Models (LWC only).
+"""``lwc`` range: OmniQuant's learnable weight clipping (LWC).
 
-Shao, Chen, Zhang, Xu, Zhao, Li, Zhang, Gao, Qiao, Luo, ICLR 2024, https://arxiv.org/abs/2308.13137.
+OmniQuant — Omnidirectionally Calibrated Quantization for Large Language Models.
+
+Shao, Chen, Zhang, Xu, Zhao, Li, Zhang, Gao, Qiao, Luo, ICLR 2024, https://arxiv.org/abs/2308.13137. The alias
+``omniquant`` is the recipe ``none+lwc+nearest`` (synonym of this stage: ``omniquant``).
 
 An optimization method: learnable weight clipping (LWC). Each quantization group of each linear gets two clipping
 factors, ``γ`` and ``β`` (parameterized through a sigmoid so they stay in (0, 1)), that shrink its range before the
@@ -10,11 +13,15 @@ estimator, so the loss gradient reaches ``γ, β``. They are trained block by bl
 with AdamW to minimize the mean squared error between the quantized block's output and the full-precision block's
 output. As in the paper, the full-precision target of layer i is computed from the full-precision model's input to
 layer i, while the quantized block is fed the output of the already quantized layers before it (``ctx.inputs`` of
-the shared pipeline); this method keeps the full-precision hidden states itself across layers.
+the shared pipeline); this stage keeps the full-precision hidden states itself across layers.
 
 Paper defaults: LWC learning rate 1e-2, weight decay 0, 20 epochs (40 for W2 in the released scripts), batch size
 1, 128 × 2048-token WikiText-2 calibration windows, γ and β initialized to 4.0 (σ(4) ≈ 0.982), MSE loss, all the
 linears of a block trained jointly. Symmetric schemes learn one factor per group on the absolute maximum.
+
+As a range stage, the clipping is trained with nearest rounding (straight-through) of the weight as it is, so it
+works with the ``nearest`` rounding only (GPTQ would rewrite the weight after the fit; the recipe refuses it). After
+a layer-level transform (``awq``) it is trained on the transformed layer, which computes the same function.
 
 Deviations (documented):
 
@@ -23,8 +30,8 @@ Deviations (documented):
   logits cannot move far from their initial 4.0 in 64 Adam steps (each moves a logit by about ``lr``). Measured on
   SmolLM2-135M's first 3 layers (32 × 512 docs windows, relative output error on held-out windows): W2g64 RTN 0.64,
   lr 1e-2 0.60, 5e-2 0.38, 1e-1 0.32; W3g64 RTN 0.24, lr 1e-2 0.23, 5e-2 0.17, 1e-1 0.16. The paper's setting is
-  ``method.params.epochs=20 method.params.lr=0.01``. One epoch costs about 0.4 s of one CPU core per 512-token
-  window per layer (forward + backward of the block).
+  ``method.params.range.epochs=20 method.params.range.lr=0.01``. One epoch costs about 0.4 s of one CPU core per
+  512-token window per layer (forward + backward of the block).
 - LWC only: no learnable equivalent transformation (LET), so no weight-activation quantization (``a_bits=16``).
 - As in the harness's other methods, the range always contains 0 (``min' ≤ 0 ≤ max'``), so the integer zero point
   lies in the code range (the paper clamps the zero point to ±1e4 instead).
@@ -45,15 +52,16 @@ from torch import nn
 from torch.func import functional_call
 
 from ptqbench.errors import ConfigError
-from ptqbench.pipeline import LayerContext, LayerwiseQuantizer
-from ptqbench.quantizer import QuantResult, MethodConfig, register, set_linear_weight
+from ptqbench.pipeline import LayerContext
+from ptqbench.quantizer import MethodConfig
 from ptqbench.scheme import QuantizedWeight, group_index, qmax, quantize_weight
+from ptqbench.stages import RangeStage, register_stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class OmniQuantConfig(MethodConfig):
+class LWCConfig(MethodConfig):
     epochs: int = 2  # paper: 20 (CPU default, see the module docstring)
     lr: float = 1e-1  # AdamW learning rate of the clipping factors (paper's lwc_lr: 1e-2; CPU default, see above)
     wd: float = 0.0  # AdamW weight decay (paper: 0)
@@ -62,13 +70,13 @@ class OmniQuantConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
-            raise ConfigError(f"omniquant.epochs={self.epochs}: use a positive number of epochs (paper: 20)")
+            raise ConfigError(f"lwc.epochs={self.epochs}: use a positive number of epochs (paper: 20)")
         if not self.lr > 0:
-            raise ConfigError(f"omniquant.lr={self.lr}: use a positive learning rate (paper: 1e-2)")
+            raise ConfigError(f"lwc.lr={self.lr}: use a positive learning rate (paper: 1e-2)")
         if self.wd < 0:
-            raise ConfigError(f"omniquant.wd={self.wd}: use a non-negative weight decay (paper: 0)")
+            raise ConfigError(f"lwc.wd={self.wd}: use a non-negative weight decay (paper: 0)")
         if self.batch_size < 1:
-            raise ConfigError(f"omniquant.batch_size={self.batch_size}: use a positive batch size (paper: 1)")
+            raise ConfigError(f"lwc.batch_size={self.batch_size}: use a positive batch size (paper: 1)")
         super().__post_init__()
 
 
@@ -154,7 +162,7 @@ def train_lwc(forward: Callable[[dict[str, torch.Tensor], Any], torch.Tensor], w
                 qw = {n: lwc_fake_quant(w, *params[n], bits, group_size, sym) for n, w in weights.items()}
                 loss = F.mse_loss(forward(qw, inputs), target)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError("omniquant: the LWC loss is not finite; lower omniquant.lr")
+                    raise FloatingPointError("lwc: the loss is not finite; lower method.params.range.lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -177,34 +185,35 @@ def _slice(v: Any, i: int, j: int, batch: int) -> Any:
     return v
 
 
-@register
-class OmniQuant(LayerwiseQuantizer):
+@register_stage
+class LWC(RangeStage):
     """OmniQuant's learnable weight clipping (Shao et al., 2024), trained block by block on the output MSE."""
 
-    name = "omniquant"
+    name = "lwc"
+    synonyms = ("omniquant",)
     family = "optimization"
-    config_cls = OmniQuantConfig
+    config_cls = LWCConfig
     requires_calibration = True
-    supported_w_bits = (2, 3, 4, 5, 6, 7, 8)
+    layerwise = True
+    roundings = ("nearest",)
     supported_a_bits = (16,)
     paper = "https://arxiv.org/abs/2308.13137"
-    config: OmniQuantConfig
+    config: LWCConfig
 
-    def quantize(self, model: nn.Module, calibration: Any) -> QuantResult:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._fp_inputs: list[torch.Tensor] | None = None  # full-precision path: layer i's input, per chunk
         self._losses: list[tuple[float, float]] = []  # (first, last) epoch loss per layer
-        try:
-            result = super().quantize(model, calibration)
-        finally:
-            self._fp_inputs = None
+        self._params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # this layer's (gamma, beta) per linear
+
+    def info(self) -> dict[str, float]:
         first = [a for a, _ in self._losses]
         last = [b for _, b in self._losses]
-        result.info.update({"epochs": float(self.config.epochs),
-                            "lwc_loss_first_epoch_mean": sum(first) / max(len(first), 1),
-                            "lwc_loss_last_epoch_mean": sum(last) / max(len(last), 1)})
-        return result
+        return {"epochs": float(self.config.epochs),
+                "lwc_loss_first_epoch_mean": sum(first) / max(len(first), 1),
+                "lwc_loss_last_epoch_mean": sum(last) / max(len(last), 1)}
 
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
+    def fit_layer(self, ctx: LayerContext, names: list[str]) -> None:
         layer, c, sch = ctx.layer, self.config, self.scheme
         fp_in = self._fp_inputs if self._fp_inputs is not None else ctx.inputs  # layer 0: both paths agree
         with torch.no_grad():  # the FP targets: the unquantized layer on the FP path's inputs
@@ -219,7 +228,7 @@ class OmniQuant(LayerwiseQuantizer):
                 batches.append(((x[i:j], {k: _slice(v, i, j, b) for k, v in kw.items()}), y[i:j]))
 
         linears = ctx.linears
-        targets = [n for n in ctx.targets if n in linears]
+        targets = [n for n in names if n in linears]
         weights = {n: linears[n].weight.detach().float() for n in targets}
         grad_flags = {n: p.requires_grad for n, p in layer.named_parameters()}
         for p in layer.parameters():  # only γ, β learn; no gradients for the block's own parameters
@@ -237,11 +246,11 @@ class OmniQuant(LayerwiseQuantizer):
             for n, p in layer.named_parameters():
                 p.requires_grad_(grad_flags[n])
         self._losses.append((history[0], history[-1]))
-        log.info("omniquant %s: LWC loss %.4g -> %.4g", ctx.name, history[0], history[-1])
+        self._params = params
+        log.info("lwc %s: loss %.4g -> %.4g", ctx.name, history[0], history[-1])
 
-        out: dict[str, QuantizedWeight] = {}
-        for n in targets:
-            qw = lwc_quantized_weight(weights[n], *params[n], sch.w_bits, sch.group_size, sch.sym)
-            set_linear_weight(linears[n], qw)
-            out[n] = qw
-        return out
+    def nearest(self, name: str, w: torch.Tensor) -> QuantizedWeight:
+        if name not in self._params:
+            raise RuntimeError(f"lwc: no learned clipping for {name}: fit_layer runs first, inside the layer loop")
+        sch = self.scheme
+        return lwc_quantized_weight(w.float(), *self._params.pop(name), sch.w_bits, sch.group_size, sch.sym)

@@ -1,6 +1,7 @@
-"""``hqq``: HQQ — Half-Quadratic Quantization of Large Machine Learning Models.
+"""``hqq`` range: HQQ — Half-Quadratic Quantization of Large Machine Learning Models.
 
 Badri and Shaji, Mobius Labs, 2023, https://mobiusml.github.io/hqq_blog/ (reference code: github.com/mobiusml/hqq).
+The alias ``hqq`` is the recipe ``none+hqq+nearest``.
 
 Calibration-free. Starting from the min-max grid of each group, HQQ keeps the scale fixed and optimizes the zero
 point to minimise an ``lp`` (``p < 1``) norm of the weight error, which fits the heavy-tailed error of rounding
@@ -22,6 +23,9 @@ exactly the nearest ones for the stored parameters. The packed kernels (``ptqben
 only, so HQQ weights are marked ``meta["packed_kernels"] = False``: packing refuses them (the packed evaluator
 reports skipped) and memory accounting counts ``storage_bits`` (16-bit zeros) instead.
 
+As a range stage, HQQ's zero is fitted together with nearest rounding of the weight as it is: it works with the
+``nearest`` rounding only (a GPTQ rounding would rewrite the weight the zero was fitted to; the recipe refuses it).
+
 Deviations: the early stop keeps the best iterate (the reference's v2 solver); the legacy solver returns the zero
 of the step that made the error worse. The reference's optional 8-bit meta-quantization of zeros/scales
 (``quant_zero``/``quant_scale``) is not done. Groups run along the input features of each output row (our shared
@@ -33,14 +37,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
-from ptqbench.models import linear_layers
-from ptqbench.pipeline import target_linears
-from ptqbench.quantizer import MethodConfig, QuantResult, Quantizer, register, set_linear_weight
+from ptqbench.quantizer import MethodConfig
 from ptqbench.scheme import QuantizedWeight, QuantScheme, group_index, qmax
+from ptqbench.stages import RangeStage, register_stage
 
 
 @dataclass
@@ -129,39 +130,33 @@ def hqq_quantize(w: torch.Tensor, bits: int, group_size: int, lp_norm: float = 0
     return qw
 
 
-@register
-class HQQ(Quantizer):
+@register_stage
+class HQQ(RangeStage):
     """HQQ (Badri & Shaji, 2023): calibration-free zero-point optimization with an lp (p<1) error norm."""
 
     name = "hqq"
     family = "calibration-free"
     config_cls = HQQConfig
-    requires_calibration = False
-    supported_w_bits = (2, 3, 4, 5, 6, 7, 8)
+    roundings = ("nearest",)
     supported_a_bits = (16,)
     paper = "https://mobiusml.github.io/hqq_blog/"
     config: HQQConfig
 
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self._iters: list[int] = []
+
     @classmethod
     def check_scheme(cls, scheme: QuantScheme) -> None:
-        super().check_scheme(scheme)
         if scheme.sym:
-            raise ConfigError("method hqq optimizes the zero point, so it needs an asymmetric scheme: set "
+            raise ConfigError("the hqq range optimizes the zero point, so it needs an asymmetric scheme: set "
                               "quant.sym=false")
 
-    @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: object) -> QuantResult:
+    def nearest(self, name: str, w: torch.Tensor) -> QuantizedWeight:
         c, sch = self.config, self.scheme
-        quant, keep = target_linears(model, sch)
-        mods = linear_layers(model)
-        result = QuantResult(kept_fp=keep)
-        iters = []
-        for name in tqdm(quant, desc="hqq", leave=False):
-            qw = hqq_quantize(mods[name].weight.data, sch.w_bits, sch.group_size, c.lp_norm, c.beta, c.kappa,
-                              c.iters, c.early_stop)
-            set_linear_weight(mods[name], qw)
-            result.layers[name] = qw
-            iters.append(qw.meta["hqq_iters"])
-        if iters:
-            result.info["mean_iters"] = sum(iters) / len(iters)
-        return result
+        qw = hqq_quantize(w, sch.w_bits, sch.group_size, c.lp_norm, c.beta, c.kappa, c.iters, c.early_stop)
+        self._iters.append(qw.meta["hqq_iters"])
+        return qw
+
+    def info(self) -> dict[str, float]:
+        return {"mean_iters": sum(self._iters) / len(self._iters)} if self._iters else {}

@@ -1,4 +1,5 @@
-"""``smoothquant``: SmoothQuant — Accurate and Efficient Post-Training Quantization for Large Language Models.
+"""``smoothquant`` transform: SmoothQuant — Accurate and Efficient Post-Training Quantization for Large Language
+Models.
 
 Xiao, Lin, Seznec, Wu, Demouth, Han, ICML 2023, https://arxiv.org/abs/2211.10438.
 
@@ -6,8 +7,10 @@ Activations of LLMs have a few input channels with very large magnitudes, which 
 cannot represent; weights are easy to quantize. SmoothQuant migrates the difficulty from activations to weights
 with a per-input-channel factor ``s_j = max|X_j|^α / max|W_j|^(1-α)`` (``max|W_j|`` over every linear reading
 the same input): ``X·diag(s)⁻¹`` is folded into the norm that produces ``X`` and ``diag(s)·W`` into the weights, so the
-full-precision model is unchanged. The weights are then quantized with RTN (W8 per channel in ``quant=w8a8``) and
-the run loop inserts the scheme's activation quantizers (static per-tensor scales from the calibration set).
+full-precision model is unchanged. The alias ``smoothquant`` is the recipe ``smoothquant+minmax+nearest``: the
+weights are then quantized with RTN (W8 per channel in ``quant=w8a8``) and the run loop inserts the scheme's
+activation quantizers (static per-tensor scales from the calibration set); ``smoothquant+gptq`` rounds the smoothed
+weights with GPTQ instead. A model-level transform: the smoothing runs once, before any layer is quantized.
 
 Paper defaults kept: α = 0.5; activation maxima from the full-precision model over the whole calibration set (one
 pass, before any smoothing); smoothing applied where the paper's code applies it — the inputs of q/k/v (folded into
@@ -29,11 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptqbench.errors import ConfigError
-from ptqbench.methods.awq import fold_into_norm, fold_into_rows, input_producers, scale_columns, smoothing_groups
+from ptqbench.methods.transform.folding import (fold_into_norm, fold_into_rows, input_producers, scale_columns,
+                                                smoothing_groups)
 from ptqbench.models import decoder_layers, layers_prefix, linear_layers
-from ptqbench.pipeline import LayerContext, capture_layer_inputs, target_linears
-from ptqbench.quantizer import MethodConfig, QuantResult, Quantizer, register, set_linear_weight
-from ptqbench.scheme import rtn_quantize
+from ptqbench.pipeline import LayerContext, capture_layer_inputs
+from ptqbench.quantizer import MethodConfig
+from ptqbench.stages import Transform, register_stage
 
 
 @dataclass
@@ -83,24 +87,28 @@ def activation_maxima(model: nn.Module, names: list[str], input_ids: torch.Tenso
     return amax
 
 
-@register
-class SmoothQuant(Quantizer):
-    """SmoothQuant (Xiao et al., 2023): per-channel smoothing folded into the norms, then W8A8 quantization."""
+@register_stage
+class SmoothQuant(Transform):
+    """SmoothQuant (Xiao et al., 2023): per-channel smoothing folded into the norms (model-level, before the loop)."""
 
     name = "smoothquant"
     family = "salience/scaling"
     config_cls = SmoothQuantConfig
+    level = "model"
     requires_calibration = True
-    supported_w_bits = (4, 8)  # the paper's setting is W8A8; W4A8/W4A16 are kept for comparisons
-    supported_a_bits = (4, 8, 16)  # 16: smoothing + weight-only RTN (ablation); 4: a baseline for rotation methods
     paper = "https://arxiv.org/abs/2211.10438"
     config: SmoothQuantConfig
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._info: dict[str, float] = {}
+
+    def info(self) -> dict[str, float]:
+        return dict(self._info)
+
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: Any) -> QuantResult:
-        if calibration is None:
-            raise ValueError("method smoothquant needs calibration data")
-        c, sch = self.config, self.scheme
+    def apply_model(self, model: nn.Module, calibration: Any) -> None:
+        c = self.config
         was_training = model.training
         model.eval()
         layers, prefix = decoder_layers(model), layers_prefix(model)
@@ -127,16 +135,7 @@ class SmoothQuant(Quantizer):
             smoothed = amax[rep] / s  # the channel maxima after smoothing
             ratios.append(float(amax[rep].max() / amax[rep].median().clamp_min(1e-8))
                           / float(smoothed.max() / smoothed.median().clamp_min(1e-8)))
-
-        quant, keep = target_linears(model, sch)
-        mods = linear_layers(model)
-        result = QuantResult(kept_fp=keep)
-        for name in tqdm(quant, desc="smoothquant", leave=False):
-            qw = rtn_quantize(mods[name].weight.data, sch.w_bits, sch.group_size, sch.sym)
-            set_linear_weight(mods[name], qw)
-            result.layers[name] = qw
-        result.info["smoothed_groups"] = len(plans)
+        self._info = {"smoothed_groups": float(len(plans))}
         if ratios:  # how much flatter the activation channel maxima became (max/median, before ÷ after)
-            result.info["act_flattening"] = sum(ratios) / len(ratios)
+            self._info["act_flattening"] = sum(ratios) / len(ratios)
         model.train(was_training)
-        return result

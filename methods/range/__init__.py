@@ -1,0 +1,1 @@
+"""Range stages: how each group's scale and zero are chosen (``ptqbench.stages.RangeStage``)."""

@@ -1,0 +1,1 @@
+"""Transform stages: function-preserving changes of the floating-point model (``ptqbench.stages.Transform``)."""
