@@ -7,6 +7,11 @@
    the layer's linears.
 3. The quantized layer's outputs become the next layer's inputs, so each layer is calibrated on what it will
    really see after the layers before it were quantized.
+4. Asymmetric calibration (GPTAQ and its descendants, ``fp_inputs=True``): a second stream carries the
+   full-precision model's inputs of each layer. The rounding takes a floating-point snapshot of the layer
+   (``snapshot_fp``) before it changes any weight; ``asym_hessians`` runs snapshot and layer chunk by chunk in
+   lockstep, so no linear's full-precision inputs are ever stored whole; the snapshot advances the FP stream.
+   Cost: one more copy of the hidden states (tokens × hidden floats) and one layer's weights.
 
 Statistics are gathered with an early stop: the forward pass is cut right after the hooked linear has seen its
 input, so asking for the q/k/v Hessian costs one norm, not a whole layer.
@@ -14,6 +19,7 @@ input, so asking for the q/k/v Hessian costs one norm, not a whole layer.
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -97,6 +103,8 @@ class LayerContext:
     kwargs: list[dict[str, Any]]  # per chunk: the layer's keyword inputs
     targets: list[str]  # linear names relative to the layer that the method must quantize
     state: dict[str, Any] = field(default_factory=dict)  # free space for methods across calls
+    fp_inputs: list[torch.Tensor] | None = None  # per chunk: the full-precision model's inputs of this layer
+    fp_layer: nn.Module | None = None  # the layer in floating point, taken by ``snapshot_fp``
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
@@ -197,11 +205,72 @@ class LayerContext:
         scaled = {r: sums[r].mul_(2.0 / max(count["n"], 1)) for r in reps}
         return {n: scaled[group_of.get(n, n)] for n in names}
 
+    def snapshot_fp(self) -> None:
+        """Keep the layer as it is now (floating point, after any layer-level transform) for the FP stream."""
+        if self.fp_inputs is None:
+            raise RuntimeError("asymmetric calibration needs the full-precision stream: run_sequential(fp_inputs=True)")
+        if self.fp_layer is None:
+            self.fp_layer = copy.deepcopy(self.layer)
+
+    @torch.no_grad()
+    def asym_hessians(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """GPTAQ's statistics per named linear: ``H = 2/N·X_qᵀX_q`` and ``D = 2/N·(X_fp − X_q)ᵀX_q`` (in, in).
+
+        ``X_q``: the linear's inputs in the layer as quantized so far, on the quantized stream; ``X_fp``: its inputs
+        in the floating-point snapshot, on the full-precision stream (token for token the same positions).
+        """
+        if self.fp_layer is None or self.fp_inputs is None:
+            raise RuntimeError("call snapshot_fp() before the layer's first weight changes")
+        group_of = {n: g[0] for g in self.groups() for n in g}
+        reps = list(dict.fromkeys(group_of.get(n, n) for n in names))
+        fp_lin = {n: m for n, m in self.fp_layer.named_modules() if isinstance(m, nn.Linear)}
+        h: dict[str, torch.Tensor] = {}
+        d: dict[str, torch.Tensor] = {}
+        n_tok = 0
+        for x_q_in, x_fp_in, kw in zip(self.inputs, self.fp_inputs, self.kwargs):
+            got_fp = _hooked_inputs(self.fp_layer, fp_lin, reps, x_fp_in, kw)
+            got_q = _hooked_inputs(self.layer, self.linears, reps, x_q_in, kw)
+            n_tok += got_q[reps[0]].shape[0]
+            for r in reps:
+                xq = got_q[r].float()  # (tokens, in)
+                dx = got_fp[r].float() - xq  # (tokens, in)
+                if r not in h:
+                    h[r] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
+                    d[r] = torch.zeros_like(h[r])
+                h[r].addmm_(xq.t(), xq)
+                d[r].addmm_(dx.t(), xq)
+        scale = 2.0 / max(n_tok, 1)
+        out = {r: (h[r].mul_(scale), d[r].mul_(scale)) for r in reps}
+        return {n: out[group_of.get(n, n)] for n in names}
+
     def collect_inputs(self, names: list[str]) -> dict[str, list[torch.Tensor]]:
         """The raw inputs (tokens, in) each named linear sees, per chunk (for activation statistics)."""
         got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.run_hooked({n: (lambda n: lambda x: got[n].append(x.detach().clone()))(n) for n in names})
         return got
+
+
+def _hooked_inputs(layer: nn.Module, linears: dict[str, nn.Linear], names: list[str], x: torch.Tensor,
+                   kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The inputs (tokens, in) of the named linears when ``layer`` runs on one chunk ``x`` (stops early)."""
+    got: dict[str, torch.Tensor] = {}
+
+    def make(name: str):
+        def pre_hook(_mod: nn.Module, args: tuple) -> None:
+            got[name] = args[0].reshape(-1, args[0].shape[-1])
+            if len(got) == len(names):
+                raise _StopForward
+        return pre_hook
+
+    handles = [linears[n].register_forward_pre_hook(make(n)) for n in names]
+    try:
+        layer(x, **kwargs)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
 
 
 def _slice_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -232,20 +301,33 @@ def check_model_scheme(model: nn.Module, scheme: QuantScheme) -> None:
 
 
 def run_sequential(model: nn.Module, input_ids: torch.Tensor, scheme: QuantScheme,
-                   process: Callable[[LayerContext], None], batch_size: int = 8, desc: str = "layers") -> None:
-    """Calibrate layer by layer: ``process(ctx)`` quantizes layer i, whose outputs then feed layer i+1."""
+                   process: Callable[[LayerContext], None], batch_size: int = 8, desc: str = "layers",
+                   fp_inputs: bool = False) -> None:
+    """Calibrate layer by layer: ``process(ctx)`` quantizes layer i, whose outputs then feed layer i+1.
+
+    With ``fp_inputs`` a second stream carries the full-precision model's hidden states (``ctx.fp_inputs``); it
+    advances through the layer's floating-point snapshot (``ctx.snapshot_fp``, which ``process`` must take).
+    """
     quant, _ = target_linears(model, scheme)
     quant_set = set(quant)
     prefix = layers_prefix(model)
     was_training = model.training
     model.eval()
     hidden, kwargs = capture_layer_inputs(model, input_ids, batch_size)
+    fp_hidden = list(hidden) if fp_inputs else None  # the two streams coincide before the first layer
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc=desc, leave=False)):
         lname = f"{prefix}.{i}"
         targets = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{lname}.{n}" in quant_set]
-        ctx = LayerContext(i, lname, layer, hidden, kwargs[i], targets)
+        ctx = LayerContext(i, lname, layer, hidden, kwargs[i], targets, fp_inputs=fp_hidden)
+        if fp_inputs and not targets:  # nothing to quantize here: the layer is its own FP snapshot
+            ctx.fp_layer = layer
         process(ctx)
+        if fp_hidden is not None:
+            if ctx.fp_layer is None:
+                raise RuntimeError(f"layer {lname}: the rounding did not take its floating-point snapshot")
+            with torch.no_grad():
+                fp_hidden = [_layer_output(ctx.fp_layer(x, **kw)) for x, kw in zip(fp_hidden, kwargs[i])]
         hidden = ctx.forward()
         del ctx
     model.train(was_training)
@@ -260,6 +342,7 @@ class LayerwiseQuantizer(Quantizer):
 
     requires_calibration = True
     calib_batch_size: int = 8
+    carries_fp_inputs: bool = False  # the loop carries the full-precision stream too (asymmetric calibration)
 
     @abstractmethod
     def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
@@ -278,7 +361,8 @@ class LayerwiseQuantizer(Quantizer):
             for rel, qw in self.quantize_layer(ctx).items():
                 result.layers[f"{ctx.name}.{rel}"] = qw
 
-        run_sequential(model, calibration.input_ids, self.scheme, process, self.calib_batch_size, desc=self.name)
+        run_sequential(model, calibration.input_ids, self.scheme, process, self.calib_batch_size, desc=self.name,
+                       fp_inputs=self.carries_fp_inputs)
         quant, keep = target_linears(model, self.scheme)
         mods = linear_layers(model)
         for name in quant:

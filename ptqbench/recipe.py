@@ -88,7 +88,14 @@ def parse_recipe(name: str) -> RecipeSpec:
 
 def check_recipe(spec: RecipeSpec) -> None:
     """Refuse stages that cannot work together, naming what would work."""
-    _, r, q = spec.stage_classes()
+    t, r, q = spec.stage_classes()
+    if q.level == "model" and (t.level == "layer" or r.layerwise or r.needs_inputs):
+        what = f"the {t.name} transform" if t.level == "layer" else f"the {r.name} range"
+        raise ConfigError(
+            f"recipe {spec.canonical}: {q.name} rounds the whole model at once, and {what} needs the layer-by-layer "
+            f"calibration loop: use a model-level or no transform "
+            f"{[n for n in stage_names('transform') if get_stage('transform', n).level != 'layer']} and a range in "
+            f"{[n for n in stage_names('range') if not (get_stage('range', n).layerwise or get_stage('range', n).needs_inputs)]}")
     if r.roundings is not None and q.name not in r.roundings:
         raise ConfigError(
             f"recipe {spec.canonical}: the {r.name} range fits its scales and zeros to the weight with "
@@ -176,6 +183,11 @@ class Recipe(LayerwiseQuantizer):
     def prepare(self, model: nn.Module, calibration: Any) -> None:
         if self.transform.level == "model":
             self.transform.apply_model(model, calibration)
+        self.rounding.prepare_model(model, calibration)
+
+    @property
+    def carries_fp_inputs(self) -> bool:
+        return self.rounding.needs_fp_inputs
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
         if self.transform.level == "layer":
@@ -187,7 +199,12 @@ class Recipe(LayerwiseQuantizer):
     def quantize(self, model: nn.Module, calibration: Any) -> QuantResult:
         if self.requires_calibration and calibration is None:
             raise ValueError(f"method {self.name} needs calibration data")
-        if self.layerwise:
+        if self.rounding.level == "model":  # gradient-based rounding of every linear at once
+            self.prepare(model, calibration)
+            quant, keep = target_linears(model, self.scheme)
+            result = QuantResult(kept_fp=keep)
+            result.layers.update(self.rounding.quantize_model(model, calibration, self.range, quant))
+        elif self.layerwise:
             result = super().quantize(model, calibration)  # prepare(), then the sequential pipeline
         else:  # nothing needs calibration inputs per layer: quantize every linear directly
             self.prepare(model, calibration)

@@ -99,13 +99,31 @@ class RangeStage(Stage):
 
 
 class Rounding(Stage):
-    """How the weights are put on the grid. ``quantize_layer`` quantizes one decoder layer's target linears in
-    place through the range stage; ``needs_loop``: it needs the calibration loop even with no other stage in it."""
+    """How the weights are put on the grid.
+
+    ``level="layer"`` (GPTQ and its descendants): ``quantize_layer`` quantizes one decoder layer's target linears in
+    place through the range stage, inside the sequential calibration loop; ``needs_loop``: it needs that loop even
+    with no other stage in it; ``needs_fp_inputs``: the loop also carries the full-precision model's inputs of each
+    layer (``ctx.fp_inputs``, asymmetric calibration). ``level="model"`` (gradient-based rounding over the whole
+    model, e.g. DiscQuant): ``quantize_model`` quantizes every target linear at once, with no layer loop; it cannot
+    follow a layer-level transform or a range that needs the loop (refused by ``recipe.check_recipe``).
+    ``prepare_model`` runs once before either, after any model-level transform (e.g. GWQ's gradients).
+    """
 
     kind = "rounding"
+    level: ClassVar[str] = "layer"
     needs_loop: ClassVar[bool] = False
+    needs_fp_inputs: ClassVar[bool] = False
+
+    def prepare_model(self, model: nn.Module, calibration: Any) -> None:
+        """Whole-model statistics before any weight is rounded (the model is still floating point here)."""
 
     def quantize_layer(self, ctx: "LayerContext", rng: RangeStage) -> dict[str, QuantizedWeight]:
+        raise NotImplementedError
+
+    def quantize_model(self, model: nn.Module, calibration: Any, rng: RangeStage,
+                       targets: list[str]) -> dict[str, QuantizedWeight]:
+        """``level="model"``: quantize the linears ``targets`` (full names) of ``model`` in place; return them."""
         raise NotImplementedError
 
 

@@ -50,30 +50,84 @@ class GPTQConfig(MethodConfig):
         super().__post_init__()
 
 
+@dataclass
+class Compensation:
+    """Terms that GPTQ's descendants add to its column update; every one optional (plain GPTQ: none).
+
+    Matrices are in the original column order (``gptq_quantize`` permutes them with act-order).
+
+    - ``asym`` (GPTAQ, https://arxiv.org/abs/2504.02692): ``D = 2/N·(X_fp − X_q)ᵀX_q`` (in, in); the update gains
+      ``+ w·P[i, i:]`` with ``P = alpha·triu(D·Uᵀ, 1)·U`` (``U``: upper Cholesky factor of ``H⁻¹``), the
+      closed-form correction toward the full-precision model's output (neuron decomposition: one (in, in) matrix
+      shared by every output row).
+    - ``w_orig`` + ``rescomp`` (residual-aware compensation, https://arxiv.org/abs/2604.07955): the
+      compensation-aware error ``w_orig − w`` (original minus compensated weights) enters through
+      ``R = rescomp·triu((D + H)·Uᵀ, 1)·U``, aligning every step with the original weights' FP output.
+    - ``w_orig`` + ``first_order`` (FOEM, https://arxiv.org/abs/2507.11017, Eq. 19): with the gradient of the
+      accumulated deviation approximated as ``β·(W − W_orig)·H``, the optimal step's Hessian cancels: column
+      ``i``'s error becomes ``(w_i − q_i) − β·(w_i − w_orig,i)``, and the block's remaining columns are pulled
+      back by ``β·(W_F − W_orig,F)``; the modified errors reach later blocks through the usual lazy update.
+    - ``latent_outer``: the terms multiply the latent (pre-rounding, clamped to the group's grid range) columns
+      in the lazy block update, as the math says (ResComp's ``allw``); ``False`` multiplies what the block left in
+      its columns (the quantized values: GPTAQ's reference code).
+    """
+
+    asym: torch.Tensor | None = None  # (in, in)
+    alpha: float = 0.25
+    w_orig: torch.Tensor | None = None  # (out, in)
+    rescomp: float = 0.0
+    first_order: float = 0.0
+    pullback: str = "next"  # FOEM's -β(W - W_orig) on the next column only ("next") or the block's rest ("block")
+    latent_outer: bool = False
+
+
 @torch.no_grad()
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False, percdamp: float = 0.01,
-    blocksize: int = 128, act_order: bool = False, static_groups: bool = False,
+    blocksize: int = 128, act_order: bool = False, static_groups: bool = False, *,
+    comp: Compensation | None = None, keep: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """GPTQ on one weight ``w`` (out, in) with Hessian ``h`` (in, in); returns codes, scales, zeros and ``g_idx``."""
+    """GPTQ on one weight ``w`` (out, in) with Hessian ``h`` (in, in); returns codes, scales, zeros and ``g_idx``.
+
+    ``comp`` adds the update terms of GPTAQ / residual-aware compensation / FOEM. ``keep`` (out, in) bool marks
+    weights left in floating point (SpQR-style outliers): they leave their group's range, take no rounding error,
+    and their final (compensated) values come back in ``meta["kept_values"]`` (float32, the order of
+    ``keep.nonzero()``); the codes at those positions are placeholders.
+    """
     w = w.detach().clone().float()  # (out, in)
     h = h.detach().clone().float()  # (in, in)
     out_f, in_f = w.shape
     gs = in_f if group_size == -1 else group_size
     maxq = qmax(bits)
+    comp = comp or Compensation()
+    d = comp.asym.detach().clone().float() if comp.asym is not None else None  # (in, in)
+    w0 = comp.w_orig.detach().clone().float() if comp.w_orig is not None else None  # (out, in)
+    xhat = (d + h) if (d is not None and comp.rescomp) else None  # 2/N·X_fpᵀX_q, before dampening
+    kp = keep.clone().bool() if keep is not None else None  # (out, in)
 
     dead = torch.diag(h) == 0  # inputs never active: any value works, pick 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    if d is not None:
+        d[:, dead] = 0
+    if w0 is not None:
+        w0[:, dead] = 0
+
+    def ranged(cols: torch.Tensor, c0: int) -> torch.Tensor:  # kept weights leave the range (0 is in it anyway)
+        return cols if kp is None else cols.masked_fill(kp[:, c0: c0 + cols.shape[1]], 0)
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static_groups:  # ranges over the original, contiguous groups
-        static = [compute_qparams(w[:, g: g + gs], bits, sym) for g in range(0, in_f, gs)]
+        static = [compute_qparams(ranged(w[:, g: g + gs], g), bits, sym) for g in range(0, in_f, gs)]
 
     perm = torch.arange(in_f, device=w.device)
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
+        d = d[perm][:, perm] if d is not None else None
+        xhat = xhat[perm][:, perm] if xhat is not None else None
+        w0 = w0[:, perm] if w0 is not None else None
+        kp = kp[:, perm] if kp is not None else None
     inv_perm = torch.argsort(perm)
 
     damp = percdamp * torch.mean(torch.diag(h))
@@ -82,9 +136,14 @@ def gptq_quantize(
         hinv = torch.linalg.cholesky(h)
         hinv = torch.cholesky_inverse(hinv)
         hinv = torch.linalg.cholesky(hinv, upper=True)  # (in, in) upper Cholesky factor of H⁻¹
+    pm = comp.alpha * (d @ hinv.T).triu_(1) @ hinv if d is not None else None  # (in, in) GPTAQ's P
+    rm = comp.rescomp * (xhat @ hinv.T).triu_(1) @ hinv if xhat is not None else None  # (in, in) ResComp's R
+    beta = comp.first_order if w0 is not None else 0.0
+    latent = comp.latent_outer
 
     codes = torch.zeros_like(w)  # (out, in) in processing order
     g_idx = torch.zeros(in_f, dtype=torch.long, device=w.device)  # processing position -> group
+    kept_vals = torch.zeros_like(w) if kp is not None else None
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
     scale = zero = torch.empty(0)
@@ -94,6 +153,7 @@ def gptq_quantize(
             w1 = w[:, i1:i2].clone()  # (out, block)
             err1 = torch.zeros_like(w1)
             hinv1 = hinv[i1:i2, i1:i2]
+            lat1 = torch.zeros_like(w1) if latent else None  # latent columns, clamped to their grid range
             for i in range(i2 - i1):
                 col = i1 + i
                 if static_groups:
@@ -104,7 +164,7 @@ def gptq_quantize(
                         group = w1[:, i: i + gs]
                         if col + gs > i2:  # the group runs past this block
                             group = torch.cat([group, w[:, i2: col + gs]], dim=1)
-                        scale, zero = compute_qparams(group, bits, sym)
+                        scale, zero = compute_qparams(ranged(group, col), bits, sym)
                         scales.append(scale)
                         zeros.append(zero)
                     gi = col // gs
@@ -112,10 +172,44 @@ def gptq_quantize(
                 wc = w1[:, i]
                 q = torch.clamp(torch.round(wc / scale) + zero, 0, maxq)
                 codes[:, col] = q
-                err = (wc - (q - zero) * scale) / hinv1[i, i]
-                w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # spread the error onto the later columns
+                deq = (q - zero) * scale
+                if kp is not None:  # kept weights: exact, no error to spread
+                    kc = kp[:, col]
+                    deq = torch.where(kc, wc, deq)
+                    kept_vals[:, col] = torch.where(kc, wc, 0.0)
+                if beta:  # FOEM: the first-order term enters the error and pulls the rest of the block back
+                    err = ((wc - deq) - beta * (wc - w0[:, col])) / hinv1[i, i]
+                else:
+                    err = (wc - deq) / hinv1[i, i]
+                if pm is None and rm is None and not beta:  # plain GPTQ
+                    w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # spread the error onto the later columns
+                else:
+                    if lat1 is not None:
+                        lat1[:, i] = torch.maximum(torch.minimum(wc, (maxq - zero) * scale), -zero * scale)
+                    upd = torch.outer(err, hinv1[i, i:])
+                    if pm is not None:
+                        upd.addr_(wc, pm[i1 + i, i1 + i: i2], alpha=-1)
+                    if rm is not None:
+                        upd.addr_(w0[:, col] - wc, rm[i1 + i, i1 + i: i2], alpha=-1)
+                    if beta and comp.pullback == "block":  # (column i is done: its entry does not matter)
+                        upd.add_(w1[:, i:] - w0[:, col: i2], alpha=beta)
+                    elif beta and col + 1 < i2:
+                        upd[:, 1].add_(w1[:, i + 1] - w0[:, col + 1], alpha=beta)
+                    if latent:  # the column keeps its latent value; the update goes to the later ones
+                        w1[:, i + 1:].sub_(upd[:, 1:])
+                    else:
+                        w1[:, i:].sub_(upd)
                 err1[:, i] = err
-            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns after this block
+            if pm is None and rm is None and not beta:  # plain GPTQ
+                w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns after this block
+                continue
+            tail_upd = err1 @ hinv[i1:i2, i2:]
+            op = lat1 if lat1 is not None else w1
+            if pm is not None:
+                tail_upd.addmm_(op, pm[i1:i2, i2:], alpha=-1)
+            if rm is not None:
+                tail_upd.addmm_(w0[:, i1:i2] - op, rm[i1:i2, i2:], alpha=-1)
+            w[:, i2:].sub_(tail_upd)
 
     if static_groups:
         scales = [s for s, _ in static]
@@ -124,13 +218,20 @@ def gptq_quantize(
     z = torch.stack(zeros, 1)  # (out, n_groups)
     codes = codes[:, inv_perm]
     g_orig = g_idx[inv_perm]  # (in,) group of each original column
-    return QuantizedWeight(codes.to(torch.uint8).cpu(), s.to(torch.float16).cpu(), z.to(torch.uint8).cpu(), bits,
-                           group_size, g_orig.to(torch.int32).cpu(), sym, meta={"act_order": act_order})
+    qw = QuantizedWeight(codes.to(torch.uint8).cpu(), s.to(torch.float16).cpu(), z.to(torch.uint8).cpu(), bits,
+                         group_size, g_orig.to(torch.int32).cpu(), sym, meta={"act_order": act_order})
+    if kp is not None:
+        qw.meta["kept_values"] = kept_vals[:, inv_perm][keep.bool()].cpu()
+    return qw
 
 
 @register_stage
 class GPTQ(Rounding):
-    """GPTQ (Frantar et al., 2023): second-order error compensation, layer by layer on calibration data."""
+    """GPTQ (Frantar et al., 2023): second-order error compensation, layer by layer on calibration data.
+
+    Descendants (GPTAQ, residual-aware compensation, FOEM) override ``statistics`` (what is gathered per
+    shared-input group) and ``compensation`` (the extra update terms); the loop stays here.
+    """
 
     name = "gptq"
     family = "compensation"
@@ -140,7 +241,17 @@ class GPTQ(Rounding):
     paper = "https://arxiv.org/abs/2210.17323"
     config: GPTQConfig
 
+    def statistics(self, ctx: LayerContext, group: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per linear of a shared-input group: its Hessian (in, in) and any extra statistic (GPTAQ's ΔXᵀX)."""
+        return {n: (h, None) for n, h in ctx.hessians(group).items()}
+
+    def compensation(self, name: str, w: torch.Tensor, extra: torch.Tensor | None) -> Compensation | None:
+        """The update terms beyond GPTQ's for the linear ``name`` whose weight (out, in) is about to be rounded."""
+        return None
+
     def quantize_layer(self, ctx: LayerContext, rng: RangeStage) -> dict[str, QuantizedWeight]:
+        if self.needs_fp_inputs:
+            ctx.snapshot_fp()  # before any weight of this layer changes
         targets = set(ctx.targets)
         groups = [[n for n in g if n in targets] for g in ctx.groups()]
         groups = [g for g in groups if g]
@@ -151,13 +262,14 @@ class GPTQ(Rounding):
         c, sch = self.config, self.scheme
         stats = InputStats(ctx, sch.group_size)
         for group in groups:
-            hs = ctx.hessians(group)
-            stats.add_hessians(hs)
+            st = self.statistics(ctx, group)
+            stats.add_hessians({n: h for n, (h, _) in st.items()})
             for name in group:
                 lin = linears[name]
                 w = rng.prepare(name, lin.weight.data, stats)
-                qw = gptq_quantize(w, hs[name], sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize,
-                                   c.act_order, c.static_groups)
+                h, extra = st[name]
+                qw = gptq_quantize(w, h, sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize,
+                                   c.act_order, c.static_groups, comp=self.compensation(name, w, extra))
                 set_linear_weight(lin, qw)
                 out[name] = qw
         return out
