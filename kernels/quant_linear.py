@@ -106,10 +106,14 @@ def swap_to_quant_linear(model: nn.Module, layers: dict[str, QuantizedWeight], b
     for name, mod in targets.items():
         qw = layers[name]
         device = mod.weight.device
-        # pack where the model lives (a GPU packs a 7B layer in milliseconds)
-        qw = dataclasses.replace(qw, qweight=qw.qweight.to(device), scales=qw.scales.to(device),
-                                 zeros=qw.zeros.to(device), g_idx=qw.g_idx.to(device))
-        new = QuantLinear(qw, mod.bias, backend).to(device)
+        build = getattr(qw, "packed_module", None)  # a format with parts beyond the uniform codes (GWQ's outliers)
+        if build is not None:
+            new = build(mod.bias, backend).to(device)
+        else:
+            # pack where the model lives (a GPU packs a 7B layer in milliseconds)
+            qw = dataclasses.replace(qw, qweight=qw.qweight.to(device), scales=qw.scales.to(device),
+                                     zeros=qw.zeros.to(device), g_idx=qw.g_idx.to(device))
+            new = QuantLinear(qw, mod.bias, backend).to(device)
         new._forward_pre_hooks.update(mod._forward_pre_hooks)
         new._forward_hooks.update(mod._forward_hooks)
         parent_name, _, child = name.rpartition(".")

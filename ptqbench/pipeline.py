@@ -9,9 +9,12 @@
    really see after the layers before it were quantized.
 4. Asymmetric calibration (GPTAQ and its descendants, ``fp_inputs=True``): a second stream carries the
    full-precision model's inputs of each layer. The rounding takes a floating-point snapshot of the layer
-   (``snapshot_fp``) before it changes any weight; ``asym_hessians`` runs snapshot and layer chunk by chunk in
-   lockstep, so no linear's full-precision inputs are ever stored whole; the snapshot advances the FP stream.
-   Cost: one more copy of the hidden states (tokens × hidden floats) and one layer's weights.
+   (``snapshot_fp``) before it changes any weight; one forward of the snapshot per chunk records the FP inputs of
+   the layer's linears (one per shared-input group) and gives the FP stream's next hidden states, then
+   ``asym_hessians`` pairs them with the quantized layer's inputs group by group, as GPTQ's Hessians are gathered.
+   Memory beyond GPTQ: one more copy of the hidden states (tokens × hidden floats), one layer's weights, and the
+   layer's FP linear inputs while it is quantized (tokens × Σ distinct input widths floats; SmolLM2-135M at
+   32 × 512 tokens: 37.7 MB and 214 MB), as the reference code's FP-input cache holds them.
 
 Statistics are gathered with an early stop: the forward pass is cut right after the hooked linear has seen its
 input, so asking for the q/k/v Hessian costs one norm, not a whole layer.
@@ -105,6 +108,8 @@ class LayerContext:
     state: dict[str, Any] = field(default_factory=dict)  # free space for methods across calls
     fp_inputs: list[torch.Tensor] | None = None  # per chunk: the full-precision model's inputs of this layer
     fp_layer: nn.Module | None = None  # the layer in floating point, taken by ``snapshot_fp``
+    fp_outputs: list[torch.Tensor] | None = None  # per chunk: the snapshot's outputs (the FP stream's next inputs)
+    _fp_linear_inputs: dict[str, list[torch.Tensor]] | None = None  # group representative -> per chunk (tokens, in)
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
@@ -127,31 +132,8 @@ class LayerContext:
         With ``stop_early`` the pass ends as soon as every hooked linear has seen its input.
         """
         linears = self.linears
-        seen: set[str] = set()
-        handles = []
-
-        def make(name: str):
-            def pre_hook(_mod: nn.Module, args: tuple) -> None:
-                x = args[0]
-                hooks[name](x.reshape(-1, x.shape[-1]))
-                seen.add(name)
-                if stop_early and len(seen) == len(hooks):
-                    raise _StopForward
-
-            return pre_hook
-
-        for name in hooks:
-            handles.append(linears[name].register_forward_pre_hook(make(name)))
-        try:
-            for x, kw in zip(self.inputs, self.kwargs):
-                seen.clear()
-                try:
-                    self.layer(x, **kw)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+        for x, kw in zip(self.inputs, self.kwargs):
+            _run_hooked_chunk(self.layer, linears, hooks, x, kw, stop_early)
 
     def groups(self) -> list[list[str]]:
         """Linear names grouped by shared input tensor, in execution order (q/k/v, o, gate/up, down for Llama)."""
@@ -213,6 +195,22 @@ class LayerContext:
             self.fp_layer = copy.deepcopy(self.layer)
 
     @torch.no_grad()
+    def _capture_fp(self) -> None:
+        """One forward of the FP snapshot per chunk: every shared-input group's FP input, and the layer's output."""
+        reps = [g[0] for g in self.groups()]
+        fp_lin = {n: m for n, m in self.fp_layer.named_modules() if isinstance(m, nn.Linear)}  # type: ignore[union-attr]
+        got: dict[str, list[torch.Tensor]] = {r: [] for r in reps}
+        handles = [fp_lin[r].register_forward_pre_hook(
+            (lambda r: lambda _m, a: got[r].append(a[0].reshape(-1, a[0].shape[-1])))(r)) for r in reps]
+        try:
+            self.fp_outputs = [_layer_output(self.fp_layer(x, **kw))  # type: ignore[misc]
+                               for x, kw in zip(self.fp_inputs, self.kwargs)]  # type: ignore[arg-type]
+        finally:
+            for h in handles:
+                h.remove()
+        self._fp_linear_inputs = got
+
+    @torch.no_grad()
     def asym_hessians(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """GPTAQ's statistics per named linear: ``H = 2/N·X_qᵀX_q`` and ``D = 2/N·(X_fp − X_q)ᵀX_q`` (in, in).
 
@@ -221,25 +219,33 @@ class LayerContext:
         """
         if self.fp_layer is None or self.fp_inputs is None:
             raise RuntimeError("call snapshot_fp() before the layer's first weight changes")
+        if self._fp_linear_inputs is None:
+            self._capture_fp()
         group_of = {n: g[0] for g in self.groups() for n in g}
         reps = list(dict.fromkeys(group_of.get(n, n) for n in names))
-        fp_lin = {n: m for n, m in self.fp_layer.named_modules() if isinstance(m, nn.Linear)}
         h: dict[str, torch.Tensor] = {}
         d: dict[str, torch.Tensor] = {}
-        n_tok = 0
-        for x_q_in, x_fp_in, kw in zip(self.inputs, self.fp_inputs, self.kwargs):
-            got_fp = _hooked_inputs(self.fp_layer, fp_lin, reps, x_fp_in, kw)
-            got_q = _hooked_inputs(self.layer, self.linears, reps, x_q_in, kw)
-            n_tok += got_q[reps[0]].shape[0]
-            for r in reps:
-                xq = got_q[r].float()  # (tokens, in)
-                dx = got_fp[r].float() - xq  # (tokens, in)
+        chunk = {"i": 0}
+        n_tok = {"n": 0}
+
+        def acc(r: str):
+            def f(xq: torch.Tensor) -> None:
+                xq = xq.float()  # (tokens, in)
+                dx = self._fp_linear_inputs[r][chunk["i"]].float() - xq  # type: ignore[index]  # (tokens, in)
+                if r == reps[0]:
+                    n_tok["n"] += xq.shape[0]
                 if r not in h:
                     h[r] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
                     d[r] = torch.zeros_like(h[r])
                 h[r].addmm_(xq.t(), xq)
                 d[r].addmm_(dx.t(), xq)
-        scale = 2.0 / max(n_tok, 1)
+            return f
+
+        hooks = {r: acc(r) for r in reps}
+        for i in range(len(self.inputs)):  # chunk by chunk, so each hook knows which FP inputs pair with it
+            chunk["i"] = i
+            _run_hooked_chunk(self.layer, self.linears, hooks, self.inputs[i], self.kwargs[i])
+        scale = 2.0 / max(n_tok["n"], 1)
         out = {r: (h[r].mul_(scale), d[r].mul_(scale)) for r in reps}
         return {n: out[group_of.get(n, n)] for n in names}
 
@@ -250,19 +256,21 @@ class LayerContext:
         return got
 
 
-def _hooked_inputs(layer: nn.Module, linears: dict[str, nn.Linear], names: list[str], x: torch.Tensor,
-                   kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The inputs (tokens, in) of the named linears when ``layer`` runs on one chunk ``x`` (stops early)."""
-    got: dict[str, torch.Tensor] = {}
+def _run_hooked_chunk(layer: nn.Module, linears: dict[str, nn.Linear], hooks: dict[str, Callable[[torch.Tensor], None]],
+                      x: torch.Tensor, kwargs: dict[str, Any], stop_early: bool = True) -> None:
+    """Run ``layer`` on one chunk, calling ``hooks[name]`` with each named linear's input (tokens, in); with
+    ``stop_early`` the pass ends as soon as every hooked linear has seen its input."""
+    seen: set[str] = set()
 
     def make(name: str):
         def pre_hook(_mod: nn.Module, args: tuple) -> None:
-            got[name] = args[0].reshape(-1, args[0].shape[-1])
-            if len(got) == len(names):
+            hooks[name](args[0].reshape(-1, args[0].shape[-1]))
+            seen.add(name)
+            if stop_early and len(seen) == len(hooks):
                 raise _StopForward
         return pre_hook
 
-    handles = [linears[n].register_forward_pre_hook(make(n)) for n in names]
+    handles = [linears[n].register_forward_pre_hook(make(n)) for n in hooks]
     try:
         layer(x, **kwargs)
     except _StopForward:
@@ -270,7 +278,6 @@ def _hooked_inputs(layer: nn.Module, linears: dict[str, nn.Linear], names: list[
     finally:
         for h in handles:
             h.remove()
-    return got
 
 
 def _slice_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -316,9 +323,13 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, scheme: QuantSchem
     hidden, kwargs = capture_layer_inputs(model, input_ids, batch_size)
     fp_hidden = list(hidden) if fp_inputs else None  # the two streams coincide before the first layer
     layers = decoder_layers(model)
-    for i, layer in enumerate(tqdm(layers, desc=desc, leave=False)):
+    targets_of = [[n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{prefix}.{i}.{n}" in quant_set]
+                  for i, layer in enumerate(layers)]
+    # the layers after the last one with something to quantize only pass hidden states on: stop there
+    last = max((i for i, t in enumerate(targets_of) if t), default=-1)
+    for i, layer in enumerate(tqdm(layers[: last + 1], desc=desc, leave=False)):
         lname = f"{prefix}.{i}"
-        targets = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) and f"{lname}.{n}" in quant_set]
+        targets = targets_of[i]
         ctx = LayerContext(i, lname, layer, hidden, kwargs[i], targets, fp_inputs=fp_hidden)
         if fp_inputs and not targets:  # nothing to quantize here: the layer is its own FP snapshot
             ctx.fp_layer = layer
@@ -326,8 +337,11 @@ def run_sequential(model: nn.Module, input_ids: torch.Tensor, scheme: QuantSchem
         if fp_hidden is not None:
             if ctx.fp_layer is None:
                 raise RuntimeError(f"layer {lname}: the rounding did not take its floating-point snapshot")
-            with torch.no_grad():
-                fp_hidden = [_layer_output(ctx.fp_layer(x, **kw)) for x, kw in zip(fp_hidden, kwargs[i])]
+            if ctx.fp_outputs is not None:  # computed with the FP linear inputs
+                fp_hidden = ctx.fp_outputs
+            else:
+                with torch.no_grad():
+                    fp_hidden = [_layer_output(ctx.fp_layer(x, **kw)) for x, kw in zip(fp_hidden, kwargs[i])]
         hidden = ctx.forward()
         del ctx
     model.train(was_training)

@@ -91,11 +91,12 @@ def check_recipe(spec: RecipeSpec) -> None:
     t, r, q = spec.stage_classes()
     if q.level == "model" and (t.level == "layer" or r.layerwise or r.needs_inputs):
         what = f"the {t.name} transform" if t.level == "layer" else f"the {r.name} range"
-        raise ConfigError(
-            f"recipe {spec.canonical}: {q.name} rounds the whole model at once, and {what} needs the layer-by-layer "
-            f"calibration loop: use a model-level or no transform "
-            f"{[n for n in stage_names('transform') if get_stage('transform', n).level != 'layer']} and a range in "
-            f"{[n for n in stage_names('range') if not (get_stage('range', n).layerwise or get_stage('range', n).needs_inputs)]}")
+        transforms = [n for n in stage_names("transform") if get_stage("transform", n).level != "layer"]
+        ranges = [n for n in stage_names("range") if not (get_stage("range", n).layerwise
+                                                         or get_stage("range", n).needs_inputs)
+                  and get_stage("range", n).roundings in (None, (q.name,))]
+        raise ConfigError(f"recipe {spec.canonical}: {q.name} rounds the whole model at once, and {what} needs the "
+                          f"layer-by-layer calibration loop: use a transform in {transforms} and a range in {ranges}")
     if r.roundings is not None and q.name not in r.roundings:
         raise ConfigError(
             f"recipe {spec.canonical}: the {r.name} range fits its scales and zeros to the weight with "

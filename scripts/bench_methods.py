@@ -1,6 +1,7 @@
 """Method benchmark (not a test): wall time and peak host memory of ``quantize()`` per method at its natural scheme.
 
     python scripts/bench_methods.py [--methods awq hqq smoothquant] [--n-samples 32] [--seq-len 512]
+    python scripts/bench_methods.py --methods gptq gptaq rescomp foem gwq discquant --quant w3g64   (compensation)
 
 Each method runs on the embedded model (SmolLM2-135M) with ``n_samples`` × ``seq_len`` calibration windows from
 ``docs`` (the default calibration), composed through the real Hydra config and ``ptqbench.run.resolve`` exactly as a
@@ -11,7 +12,9 @@ names that are neither are skipped with a message.
 
 Targets on a 2-core machine: AWQ <= 90 s, HQQ <= 30 s, QuaRot+RTN <= 30 s, OmniQuant (CPU default) <= 15 min,
 PB-LLM <= 120 s, peak host memory <= 3 GiB; a recipe costs no more than its stages run alone: AWQ+GPTQ <= AWQ +
-GPTQ (the calibration inputs, the layer loop and the FP model are shared; reported after the table).
+GPTQ (the calibration inputs, the layer loop and the FP model are shared; reported after the table). The
+compensation family at W3 g64 (``--quant w3g64``), relative to GPTQ's time in the same run: GPTAQ, residual-aware
+compensation and FOEM <= 1.5 x GPTQ, GWQ <= 2 x GPTQ; DiscQuant <= 15 min.
 
 On a shared machine wall times grow with the load. Next to each time the script reports ``fwd512_s``, one 512-token
 forward of the full-precision model timed right before and after the method (mean), and ``norm_s`` = quant_s ×
@@ -46,7 +49,9 @@ NATURAL: dict[str, list[str]] = {
     "omniquant": ["quant=w3g64"],
     "pbllm": ["quant=w2g64", "quant.group_size=-1", "quant.name=w2c"],  # its default: 2-bit class, per-row α
 }
-TARGETS = {"awq": 90.0, "hqq": 30.0, "quarot+rtn": 30.0, "omniquant": 900.0, "pbllm": 120.0}  # seconds (the methods issue)
+TARGETS = {"awq": 90.0, "hqq": 30.0, "quarot+rtn": 30.0, "omniquant": 900.0, "pbllm": 120.0,  # seconds (the methods issue)
+           "discquant": 900.0}
+RELATIVE_TO_GPTQ = {"gptaq": 1.5, "rescomp": 1.5, "foem": 1.5, "gwq": 2.0}  # x GPTQ's time (the compensation issue)
 TARGET_MEM_GIB = 3.0
 QUIET_FWD512_S = 1.25  # one 512-token forward of SmolLM2-135M on the quiet 2-core machine (anchors.md)
 
@@ -61,7 +66,7 @@ def _fwd512(model, seq_len: int = 512) -> float:
     return time.perf_counter() - t
 
 
-def bench(methods: list[str], n_samples: int, seq_len: int) -> list[dict]:
+def bench(methods: list[str], n_samples: int, seq_len: int, quant: str | None = None) -> list[dict]:
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -71,7 +76,7 @@ def bench(methods: list[str], n_samples: int, seq_len: int) -> list[dict]:
     from ptqbench.pipeline import target_linears
     from ptqbench.errors import ConfigError
     from ptqbench.quantizer import get_method
-    from ptqbench.recipe import register_hydra_recipes
+    from ptqbench.recipe import recipe_names, register_hydra_recipes
     from ptqbench.run import resolve
 
     register_hydra_recipes()  # method=quarot+rtn and the other recipes compose, as python -m ptqbench does
@@ -85,10 +90,11 @@ def bench(methods: list[str], n_samples: int, seq_len: int) -> list[dict]:
             except ConfigError as e:
                 print(f"skip {name}: {e}", flush=True)
                 continue
-            if "+" not in name and not (ptqbench.conf_dir() / "method" / f"{name}.yaml").is_file():
+            if name not in recipe_names() and not (ptqbench.conf_dir() / "method" / f"{name}.yaml").is_file():
                 print(f"skip {name}: no conf/method/{name}.yaml", flush=True)
                 continue
-            overrides = [f"method={name}", *NATURAL.get(name, []), "calib=docs", f"calib.n_samples={n_samples}",
+            natural = [f"quant={quant}"] if quant else NATURAL.get(name, [])
+            overrides = [f"method={name}", *natural, "calib=docs", f"calib.n_samples={n_samples}",
                          f"calib.seq_len={seq_len}"]
             cell = resolve(compose(config_name="config", overrides=overrides))
             key = repr(cell.model.identity())
@@ -150,8 +156,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=DEFAULT, help="methods to time (default: %(default)s)")
     ap.add_argument("--n-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: %(default)s)")
+    ap.add_argument("--quant", default=None, help="one scheme for every method (e.g. w3g64) instead of each one's own")
     args = ap.parse_args()
-    rows = bench(args.methods, args.n_samples, args.seq_len)
+    rows = bench(args.methods, args.n_samples, args.seq_len, args.quant)
     print()
     print(HEADER)
     for r in rows:
@@ -161,6 +168,12 @@ def main() -> None:
         alone = t["awq"] + t["gptq"]
         print(f"\nrecipe cost (norm_s): awq+gptq {t['awq+gptq']:.1f} s vs awq {t['awq']:.1f} + gptq {t['gptq']:.1f} = "
               f"{alone:.1f} s: {'ok' if t['awq+gptq'] <= alone else 'OVER'} (ratio {t['awq+gptq'] / alone:.2f})")
+    if "gptq" in t:
+        for m, k in RELATIVE_TO_GPTQ.items():
+            if m in t:
+                r = t[m] / t["gptq"]
+                print(f"{m} / gptq (norm_s): {t[m]:.1f} / {t['gptq']:.1f} s = {r:.2f} x (target <= {k} x): "
+                      f"{'ok' if r <= k else 'OVER'}")
     try:
         load = os.getloadavg()[0]
         print(f"\nthreads={rows[0]['threads'] if rows else '?'}  load average (1 min) at the end: {load:.1f} "

@@ -73,3 +73,58 @@ def last_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden state on ``ids`` (no lm_head): what layer-wise method tests compare."""
     with torch.no_grad():
         return model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+# Claim tests on the real model (tests/test_grid_claims.py, tests/test_compensation_claims.py...): the whole
+# SmolLM2-135M with only its first CLAIM_LAYERS decoder layers quantized (the rest kept in floating point through
+# the scheme's keep_fp), calibrated on 8 x 256 docs tokens, perplexity on 3 held-out 256-token windows per domain.
+CLAIM_LAYERS = 4
+CLAIM_N_LAYERS = 30  # SmolLM2-135M
+CLAIM_KEEP = ("lm_head", *(f"layers.{i}." for i in range(CLAIM_LAYERS, CLAIM_N_LAYERS)))
+DOMAINS = ("docs", "code", "prose")
+
+
+@pytest.fixture(scope="session")
+def claim_grid(smol):
+    """``run(recipe, scheme, params=None) -> {domain: perplexity}``; each (recipe, scheme, params) quantized once
+    per session, whichever claim module asks first."""
+    import copy
+
+    from ptqbench import data
+    from ptqbench.actquant import attach_activation_quant
+    from ptqbench.evaluators.perplexity import perplexity
+    from ptqbench.quantizer import build_config, get_method
+    from ptqbench.scheme import QuantScheme
+
+    calib = data.draw_calibration(data.CalibSpec("docs", (("docs", 1.0),), 8, 256), 0, smol.tokenizer,
+                                  smol.tokenizer_id)
+    evals = {d: data.eval_set(d, 256, 3, smol.tokenizer, smol.tokenizer_id) for d in DOMAINS}
+    cache: dict[tuple, dict[str, float]] = {}
+    results: dict[tuple, object] = {}
+    models: dict[tuple, object] = {}
+
+    def key(recipe: str, scheme: dict, params: dict | None = None) -> tuple:
+        return recipe, tuple(sorted(scheme.items())), repr(sorted((params or {}).items()))
+
+    def run(recipe: str, scheme: dict, params: dict | None = None) -> dict[str, float]:
+        k = key(recipe, scheme, params)
+        if k not in cache:
+            model = copy.deepcopy(smol.model)
+            assert model.config.num_hidden_layers == CLAIM_N_LAYERS
+            sch = QuantScheme(**scheme)
+            cls = get_method(recipe)
+            res = cls(sch, build_config(cls, params or {})).quantize(model, calib)
+            assert len(res.layers) == 7 * CLAIM_LAYERS  # q/k/v/o/gate/up/down of the quantized layers only
+            attach_activation_quant(model, list(res.layers), sch, calib.input_ids)
+            model.eval()
+            cache[k] = {d: perplexity(model, ev)["value"] for d, ev in evals.items()}
+            results[k] = res
+            if recipe == "gwq" and not params:  # the packed evaluator test runs on this one quantized model
+                models[k] = model
+            print(recipe, scheme.get("w_bits"), params or "", {d: round(v, 3) for d, v in cache[k].items()})
+        return cache[k]
+
+    run.key = key  # type: ignore[attr-defined]
+    run.results = results  # type: ignore[attr-defined]  # the QuantResults, for effective bits
+    run.models = models  # type: ignore[attr-defined]
+    return run

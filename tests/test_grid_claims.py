@@ -20,51 +20,23 @@ numbers as its reason.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-
-from ptqbench import data
-from ptqbench.actquant import attach_activation_quant
-from ptqbench.evaluators.perplexity import perplexity
-from ptqbench.quantizer import get_method
-from ptqbench.scheme import QuantScheme
+from conftest import CLAIM_KEEP as KEEP
+from conftest import DOMAINS
 
 pytestmark = pytest.mark.slow
 
-LAYERS = 4
-DOMAINS = ("docs", "code", "prose")
-N_LAYERS = 30  # SmolLM2-135M
-KEEP = ("lm_head", *(f"layers.{i}." for i in range(LAYERS, N_LAYERS)))  # quantize layers 0..LAYERS-1 only
+# the real model with its first 4 decoder layers quantized through the session fixture ``claim_grid``
+# (tests/conftest.py), so a recipe another claim module also measures (GPTQ at W3 g64) is quantized once per session
+
 W3 = dict(w_bits=3, group_size=64, keep_fp=KEEP)
 W4A8 = dict(w_bits=4, group_size=-1, a_bits=8, a_mode="dynamic_per_token", keep_fp=KEEP)
 
 
 @pytest.fixture(scope="module")
-def grid(smol):
-    """``run(recipe, scheme) -> {domain: perplexity}``, each recipe quantized once per module."""
-    calib = data.draw_calibration(data.CalibSpec("docs", (("docs", 1.0),), 8, 256), 0, smol.tokenizer,
-                                  smol.tokenizer_id)
-    evals = {d: data.eval_set(d, 256, 3, smol.tokenizer, smol.tokenizer_id) for d in DOMAINS}
-    cache: dict[tuple, dict[str, float]] = {}
-
-    def run(recipe: str, scheme: dict) -> dict[str, float]:
-        key = (recipe, tuple(sorted(scheme.items())))
-        if key not in cache:
-            model = copy.deepcopy(smol.model)
-            assert model.config.num_hidden_layers == N_LAYERS
-            sch = QuantScheme(**scheme)
-            res = get_method(recipe)(sch).quantize(model, calib)
-            assert len(res.layers) == 7 * LAYERS  # q/k/v/o/gate/up/down of the quantized layers, nothing else
-            attach_activation_quant(model, list(res.layers), sch, calib.input_ids)
-            model.eval()
-            cache[key] = {d: perplexity(model, ev)["value"] for d, ev in evals.items()}
-            print(recipe, scheme, {d: round(v, 3) for d, v in cache[key].items()})  # shown with pytest -s
-            del model
-        return cache[key]
-
-    return run
+def grid(claim_grid):
+    return claim_grid
 
 
 # Measured at this size (first 4 layers quantized, 8 x 256 docs calibration, 3 x 256 windows; docs / code / prose):

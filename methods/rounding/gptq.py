@@ -249,6 +249,13 @@ class GPTQ(Rounding):
         """The update terms beyond GPTQ's for the linear ``name`` whose weight (out, in) is about to be rounded."""
         return None
 
+    def round_linear(self, ctx: LayerContext, name: str, w: torch.Tensor, h: torch.Tensor,
+                     extra: torch.Tensor | None) -> QuantizedWeight:
+        """Round one linear's weight ``w`` (out, in) with its Hessian ``h`` (in, in) (GWQ adds its outliers here)."""
+        c, sch = self.config, self.scheme
+        return gptq_quantize(w, h, sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize, c.act_order,
+                             c.static_groups, comp=self.compensation(name, w, extra))
+
     def quantize_layer(self, ctx: LayerContext, rng: RangeStage) -> dict[str, QuantizedWeight]:
         if self.needs_fp_inputs:
             ctx.snapshot_fp()  # before any weight of this layer changes
@@ -259,17 +266,14 @@ class GPTQ(Rounding):
             groups = [[n for g in groups for n in g]]
         linears = ctx.linears
         out: dict[str, QuantizedWeight] = {}
-        c, sch = self.config, self.scheme
-        stats = InputStats(ctx, sch.group_size)
+        stats = InputStats(ctx, self.scheme.group_size)
         for group in groups:
             st = self.statistics(ctx, group)
             stats.add_hessians({n: h for n, (h, _) in st.items()})
             for name in group:
                 lin = linears[name]
                 w = rng.prepare(name, lin.weight.data, stats)
-                h, extra = st[name]
-                qw = gptq_quantize(w, h, sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize,
-                                   c.act_order, c.static_groups, comp=self.compensation(name, w, extra))
+                qw = self.round_linear(ctx, name, w, *st[name])
                 set_linear_weight(lin, qw)
                 out[name] = qw
         return out

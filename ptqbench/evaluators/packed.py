@@ -24,8 +24,11 @@ def packed_rows(cell: CellContext, cfg: dict) -> list[dict]:
     name, seq_len, windows = cfg.get("dataset", "docs"), int(cfg.get("seq_len", 512)), int(cfg.get("max_windows", 2))
     protocol = f"ppl:{name};seq_len={seq_len};windows={windows};packed QuantLinear vs fake-quantized weights"
     try:
-        nbytes = sum(PackedWeight.from_quantized(qw).nbytes for qw in cell.result.layers.values())
+        for qw in cell.result.layers.values():  # refuse what cannot be packed before copying the model
+            if not hasattr(qw, "packed_module"):  # (formats that build their own packed module: GWQ)
+                PackedWeight.from_quantized(qw)
         packed_model = swap_to_quant_linear(copy.deepcopy(cell.model), cell.result.layers)
+        nbytes = sum(packed_model.get_submodule(n).nbytes for n in cell.result.layers)
     except (ValueError, NotImplementedError) as e:  # a format the packed kernels do not cover (e.g. PB-LLM)
         return [{"metric": "packed_vs_fake_ppl_rel", "value": float("nan"), "unit": "rel", "status": "skipped",
                  "error": f"not packable: {e}", "protocol": protocol}]
