@@ -173,6 +173,8 @@ class Recipe(LayerwiseQuantizer):
                 built[st.kind] = st.config_cls(**p)
             except TypeError as e:
                 raise ConfigError(f"method {cls.name}, {st.kind} {st.name}: {e}") from None
+        for st in cls.stage_classes:
+            st.check_combination(cls.stage_classes, built[st.kind])
         return RecipeConfig(**built)
 
     @property

@@ -47,14 +47,20 @@ class Stage:
     def __init__(self, scheme: QuantScheme, config: MethodConfig | None = None) -> None:
         self.scheme = scheme
         self.config = config if config is not None else self.config_cls()
+        self._info: dict[str, float] = {}  # facts a stage records while it runs, for ``info()``
 
     @classmethod
     def check_scheme(cls, scheme: QuantScheme) -> None:
         """Extra scheme requirements of this stage (bit widths are checked by the recipe); raise ConfigError."""
 
+    @classmethod
+    def check_combination(cls, stages: tuple[type["Stage"], ...], config: MethodConfig) -> None:
+        """Refuse, before any work, a combination with the recipe's other stages that this stage's ``config`` cannot
+        run in (the recipe calls it once its typed configs are built); raise ConfigError naming what works."""
+
     def info(self) -> dict[str, float]:
         """Facts for the result rows (``info:<key>``), available after quantization."""
-        return {}
+        return dict(self._info)
 
 
 class Transform(Stage):

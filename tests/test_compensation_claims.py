@@ -22,31 +22,61 @@ W2 = dict(w_bits=2, group_size=64, keep_fp=KEEP)
 W4A4 = dict(w_bits=4, group_size=-1, a_bits=4, a_mode="dynamic_per_token", keep_fp=KEEP)
 
 
+# Measured at this size (docs / code / prose): W3 g64 GPTQ 17.75 / 6.02 / 29.51, GPTAQ 17.88 / 5.99 / 29.58, rescomp
+# 17.58 / 5.96 / 32.58, FOEM 17.42 / 5.87 / 31.35; W2 g64 GPTQ 166.07 / 124.03 / 293.92, GPTAQ 150.83 / 98.74 / 628.59;
+# W4A4 QuaRot+GPTQ 18.11 / 6.05 / 28.13, QuaRot+GPTAQ 17.96 / 5.88 / 30.76.
+PROSE = ("prose is the domain furthest from the docs calibration: the more closely a method fits its layers to the "
+         "calibration inputs (GPTAQ to the FP model's outputs on them, rescomp and FOEM on top), the further it moves "
+         "from what prose needs (GPTQ alone is above RTN on prose at W3 g64 on the full model, results/README.md)")
+GPTAQ_W3 = {"docs": "measured: GPTAQ 17.88 vs GPTQ 17.75 on docs at W3 g64 (code 5.99 vs 6.02 holds): with 4 quantized "
+                    "layers the FP and quantized streams differ little, and GPTAQ's correction toward the FP outputs "
+                    "of 8 x 256 calibration tokens does not carry to held-out docs windows",
+            "prose": f"measured: GPTAQ 29.58 vs GPTQ 29.51 on prose at W3 g64; {PROSE}"}
+GPTAQ_W2 = {"prose": f"measured: GPTAQ 628.59 vs GPTQ 293.92 on prose at W2 g64 (docs 150.83 vs 166.07 and code "
+                     f"98.74 vs 124.03 hold); {PROSE}"}
+RESCOMP = {"prose": f"measured: rescomp 32.58 vs GPTAQ 29.58 on prose at W3 g64 (docs 17.58 vs 17.88 and code 5.96 vs "
+                    f"5.99 hold); {PROSE}"}
+FOEM = {"prose": f"measured: FOEM 31.35 vs GPTQ 29.51 on prose at W3 g64 (docs 17.42 vs 17.75 and code 5.87 vs 6.02 "
+                 f"hold); {PROSE}"}
+QUAROT = {"prose": f"measured: QuaRot+GPTAQ 30.76 vs QuaRot+GPTQ 28.13 on prose at W4A4 (docs 17.96 vs 18.11 and code "
+                   f"5.88 vs 6.05 hold); {PROSE}"}
+
+
+def _domains(fails: dict[str, str]) -> list:
+    """The domains, each a strict xfail where ``fails`` gives the measured reason."""
+    return [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=fails[d])) if d in fails else d
+            for d in DOMAINS]
+
+
 def _fmt(**ppl: dict[str, float]) -> str:
     return "; ".join(f"{name} " + ", ".join(f"{d} {v:.2f}" for d, v in p.items()) for name, p in ppl.items())
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
-@pytest.mark.parametrize("bits", [3, 2])
-def test_gptaq_at_most_gptq(claim_grid, bits, domain):
-    sch = W3 if bits == 3 else W2
-    gptq, gptaq = claim_grid("gptq", sch), claim_grid("gptaq", sch)
+@pytest.mark.parametrize("domain", _domains(GPTAQ_W3))
+def test_gptaq_at_most_gptq_w3(claim_grid, domain):
+    gptq, gptaq = claim_grid("gptq", W3), claim_grid("gptaq", W3)
     assert gptaq[domain] <= gptq[domain], _fmt(gptq=gptq, gptaq=gptaq)
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", _domains(GPTAQ_W2))
+def test_gptaq_at_most_gptq_w2(claim_grid, domain):
+    gptq, gptaq = claim_grid("gptq", W2), claim_grid("gptaq", W2)
+    assert gptaq[domain] <= gptq[domain], _fmt(gptq=gptq, gptaq=gptaq)
+
+
+@pytest.mark.parametrize("domain", _domains(RESCOMP))
 def test_rescomp_at_most_gptaq(claim_grid, domain):
     gptaq, rescomp = claim_grid("gptaq", W3), claim_grid("rescomp", W3)
     assert rescomp[domain] <= gptaq[domain], _fmt(gptaq=gptaq, rescomp=rescomp)
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", _domains(FOEM))
 def test_foem_at_most_gptq(claim_grid, domain):
     gptq, foem = claim_grid("gptq", W3), claim_grid("foem", W3)
     assert foem[domain] <= gptq[domain], _fmt(gptq=gptq, foem=foem)
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("domain", _domains(QUAROT))
 def test_quarot_gptaq_at_most_quarot_gptq_w4a4(claim_grid, domain):
     gptq, gptaq = claim_grid("quarot", W4A4), claim_grid("quarot+gptaq", W4A4)
     assert gptaq[domain] <= gptq[domain], _fmt(quarot_gptq=gptq, quarot_gptaq=gptaq)

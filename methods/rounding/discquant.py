@@ -202,13 +202,6 @@ class DiscQuant(Rounding):
     paper = "https://arxiv.org/abs/2501.06417"
     config: DiscQuantConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._info: dict[str, float] = {}
-
-    def info(self) -> dict[str, float]:
-        return dict(self._info)
-
     @torch.no_grad()
     def _setup(self, name: str, lin: nn.Linear, rng: RangeStage, gen: torch.Generator, init: str) -> _Linear:
         w = rng.prepare(name, lin.weight.data, None)

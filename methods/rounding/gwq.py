@@ -276,6 +276,14 @@ class GWQ(GPTQ):
         self._seen: dict[str, float] = {}  # full linear name -> Σw² when its gradient was taken
         self._kept = self._total = 0
 
+    @classmethod
+    def check_combination(cls, stages: tuple[type, ...], config: MethodConfig) -> None:
+        transform = stages[0]
+        if getattr(config, "salience", None) == "gradient" and getattr(transform, "level", "none") == "layer":
+            raise ConfigError(f"gwq with salience=gradient takes its gradients before the layer loop, and the "
+                              f"{transform.name} transform rescales the weights inside it: use a model-level or no "
+                              f"transform (quarot, smoothquant, none), or method.params.rounding.salience=hessian")
+
     def prepare_model(self, model: nn.Module, calibration: Any) -> None:
         if self.config.salience != "gradient":
             return

@@ -321,13 +321,6 @@ class QuaRot(Transform):
     paper = "https://arxiv.org/abs/2404.00456"
     config: QuaRotConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._info: dict[str, float] = {}
-
-    def info(self) -> dict[str, float]:
-        return dict(self._info)
-
     def apply_model(self, model: nn.Module, calibration: Any) -> None:
         c = self.config
         self._info = rotate_model(model, c.seed, c.online_down, c.online_o_proj)

@@ -99,13 +99,6 @@ class SmoothQuant(Transform):
     paper = "https://arxiv.org/abs/2211.10438"
     config: SmoothQuantConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._info: dict[str, float] = {}
-
-    def info(self) -> dict[str, float]:
-        return dict(self._info)
-
     @torch.no_grad()
     def apply_model(self, model: nn.Module, calibration: Any) -> None:
         c = self.config
