@@ -166,26 +166,8 @@ class LayerContext:
 
     def hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """GPTQ's ``H = 2/N · Σ xᵀx`` (in, in) per named linear; linears sharing an input share one matrix."""
-        sums: dict[str, torch.Tensor] = {}
-        count = {"n": 0}
-        first = names[0]
-
-        def acc(name: str):
-            def f(x: torch.Tensor) -> None:
-                x = x.float()
-                if name == first:
-                    count["n"] += x.shape[0]
-                if name not in sums:
-                    sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                sums[name].addmm_(x.t(), x)
-            return f
-
-        # one hook per distinct input: the first linear of each shared-input group stands for the rest
-        group_of = {n: g[0] for g in self.groups() for n in g}
-        reps = list(dict.fromkeys(group_of.get(n, n) for n in names))
-        self.run_hooked({r: acc(r) for r in reps})
-        scaled = {r: sums[r].mul_(2.0 / max(count["n"], 1)) for r in reps}
-        return {n: scaled[group_of.get(n, n)] for n in names}
+        h, _ = self._input_moments(names, with_fp=False)
+        return h
 
     def snapshot_fp(self) -> None:
         """Keep the layer as it is now (floating point, after any layer-level transform) for the FP stream."""
@@ -221,33 +203,51 @@ class LayerContext:
             raise RuntimeError("call snapshot_fp() before the layer's first weight changes")
         if self._fp_linear_inputs is None:
             self._capture_fp()
+        h, d = self._input_moments(names, with_fp=True)
+        return {n: (h[n], d[n]) for n in names}
+
+    @torch.no_grad()
+    def _input_moments(self, names: list[str], with_fp: bool
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One hooked pass over the chunks: ``2/N·X_qᵀX_q`` and, ``with_fp``, ``2/N·(X_fp − X_q)ᵀX_q`` per name.
+
+        One hook per distinct input: the first linear of each shared-input group stands for the rest, and its matrices
+        are shared by the group. N counts the tokens that reach the first hooked group (every group sees each token).
+        """
         group_of = {n: g[0] for g in self.groups() for n in g}
         reps = list(dict.fromkeys(group_of.get(n, n) for n in names))
         h: dict[str, torch.Tensor] = {}
         d: dict[str, torch.Tensor] = {}
-        chunk = {"i": 0}
-        n_tok = {"n": 0}
+        n_tok = 0
+        chunk = 0
 
-        def acc(r: str):
+        def acc(r: str) -> Callable[[torch.Tensor], None]:
             def f(xq: torch.Tensor) -> None:
+                nonlocal n_tok
                 xq = xq.float()  # (tokens, in)
-                dx = self._fp_linear_inputs[r][chunk["i"]].float() - xq  # type: ignore[index]  # (tokens, in)
                 if r == reps[0]:
-                    n_tok["n"] += xq.shape[0]
+                    n_tok += xq.shape[0]
                 if r not in h:
                     h[r] = torch.zeros(xq.shape[1], xq.shape[1], device=xq.device)
-                    d[r] = torch.zeros_like(h[r])
                 h[r].addmm_(xq.t(), xq)
-                d[r].addmm_(dx.t(), xq)
+                if with_fp:  # the FP snapshot's input at the same token positions as this chunk's
+                    dx = self._fp_linear_inputs[r][chunk].float() - xq  # type: ignore[index]  # (tokens, in)
+                    if r not in d:
+                        d[r] = torch.zeros_like(h[r])
+                    d[r].addmm_(dx.t(), xq)
             return f
 
         hooks = {r: acc(r) for r in reps}
-        for i in range(len(self.inputs)):  # chunk by chunk, so each hook knows which FP inputs pair with it
-            chunk["i"] = i
-            _run_hooked_chunk(self.layer, self.linears, hooks, self.inputs[i], self.kwargs[i])
-        scale = 2.0 / max(n_tok["n"], 1)
-        out = {r: (h[r].mul_(scale), d[r].mul_(scale)) for r in reps}
-        return {n: out[group_of.get(n, n)] for n in names}
+        linears = self.linears
+        for chunk, (x, kw) in enumerate(zip(self.inputs, self.kwargs)):
+            _run_hooked_chunk(self.layer, linears, hooks, x, kw)
+        scale = 2.0 / max(n_tok, 1)
+        for r in reps:
+            h[r].mul_(scale)
+            if with_fp:
+                d[r].mul_(scale)
+        return ({n: h[group_of.get(n, n)] for n in names},
+                {n: d[group_of.get(n, n)] for n in names} if with_fp else {})
 
     def collect_inputs(self, names: list[str]) -> dict[str, list[torch.Tensor]]:
         """The raw inputs (tokens, in) each named linear sees, per chunk (for activation statistics)."""

@@ -28,6 +28,7 @@ FAMILIES = (
     "compensation",
     "salience/scaling",
     "rotation",
+    "reordering",
     "optimization",
     "binarization",
 )
@@ -67,6 +68,7 @@ class Quantizer(ABC):
     requires_calibration: ClassVar[bool] = False
     supported_w_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     supported_a_bits: ClassVar[tuple[int, ...]] = (16,)
+    supported_formats: ClassVar[tuple[str, ...]] = ("int",)  # value grids (quant.w_format / a_format) it can use
     required_packages: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
 
@@ -88,6 +90,10 @@ class Quantizer(ABC):
                 f"method {cls.name} does not support a_bits={scheme.a_bits} (weight-only methods take a_bits=16): "
                 f"choose quant with a_bits in {list(cls.supported_a_bits)}"
             )
+        for fmt in scheme_formats(scheme):
+            if fmt not in cls.supported_formats:
+                raise ConfigError(f"method {cls.name} knows only the {list(cls.supported_formats)} grids, not {fmt}: "
+                                  f"choose a quant in one of those, or a method that supports {fmt} (e.g. rtn, gptq)")
 
     @classmethod
     def validate_environment(cls) -> None:
@@ -152,6 +158,14 @@ def build_config(cls: type[Quantizer], params: dict[str, Any]) -> MethodConfig:
         return cls.config_cls(**params)
     except TypeError as e:
         raise ConfigError(f"method {cls.name}: {e}") from None
+
+
+def scheme_formats(scheme: QuantScheme) -> list[str]:
+    """The value grids a scheme uses: the weights' format, and the activations' when they are quantized."""
+    fmts = [] if scheme.w_bits >= 16 else [scheme.w_format]
+    if scheme.a_bits < 16 and scheme.a_format not in fmts:
+        fmts.append(scheme.a_format)
+    return fmts
 
 
 def set_linear_weight(linear: nn.Linear, qw: QuantizedWeight) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ptqbench.errors import ConfigError
 from ptqbench.models import linear_layers
 from ptqbench.pipeline import LayerContext, LayerwiseQuantizer, target_linears
-from ptqbench.quantizer import MethodConfig, QuantResult, set_linear_weight
+from ptqbench.quantizer import MethodConfig, QuantResult, scheme_formats, set_linear_weight
 from ptqbench.scheme import QuantizedWeight, QuantScheme
 from ptqbench.stages import DEFAULTS, KINDS, RangeStage, Rounding, Stage, Transform, get_stage, stage_names, stages
 
@@ -38,6 +38,9 @@ ALIASES: dict[str, tuple[str, str, str]] = {
     "quarot": ("quarot", "minmax", "gptq"),
     "omniquant": ("none", "lwc", "nearest"),
     "hqq": ("none", "hqq", "nearest"),
+    "mrgptq": ("mr", "minmax", "mrgptq"),
+    "dartquant": ("dartquant", "minmax", "gptq"),
+    "rptq": ("rptq", "minmax", "gptq"),
 }
 
 
@@ -114,6 +117,16 @@ def recipe_family(t: type[Stage], r: type[Stage], q: type[Stage]) -> str:
     return q.family
 
 
+def stage_a_bits(st: type[Stage], transform: type[Transform]) -> tuple[int, ...]:
+    """The activation bit widths ``st`` takes in a recipe with ``transform``: its own, widened by those of a transform
+    that attaches its own activation quantizers (the range and rounding stages only see weights then), unless ``st``
+    is weight-only."""
+    own = tuple(st.supported_a_bits)
+    if st is transform or not transform.supplies_act_quant or own == (16,):
+        return own
+    return tuple(sorted(set(own) | set(transform.supported_a_bits)))
+
+
 def _intersect(sets: list[tuple[int, ...]]) -> tuple[int, ...]:
     return tuple(sorted(reduce(lambda a, b: set(a) & set(b), sets)))
 
@@ -146,11 +159,16 @@ class Recipe(LayerwiseQuantizer):
     def check_scheme(cls, scheme: QuantScheme) -> None:
         for st in cls.stage_classes:
             for what, bits, ok in (("w_bits", scheme.w_bits, st.supported_w_bits),
-                                   ("a_bits", scheme.a_bits, st.supported_a_bits)):
+                                   ("a_bits", scheme.a_bits, stage_a_bits(st, cls.stage_classes[0]))):
                 if bits not in ok:
                     raise ConfigError(f"method {cls.name}: the {st.name} {st.kind} stage does not support "
                                       f"{what}={bits}: choose quant with {what} in {list(ok)}"
                                       + (" (it is weight-only)" if what == "a_bits" and ok == (16,) else ""))
+            for fmt in scheme_formats(scheme):
+                if fmt not in st.supported_formats:
+                    raise ConfigError(f"method {cls.name}: the {st.name} {st.kind} stage knows only the "
+                                      f"{list(st.supported_formats)} grids, not {fmt}: choose a quant in one of those, "
+                                      f"or stages that support {fmt} (e.g. rtn, gptq)")
             st.check_scheme(scheme)
 
     @classmethod
@@ -240,7 +258,8 @@ def recipe_class(name: str) -> type[Recipe]:
             "family": recipe_family(t, r, q),
             "requires_calibration": any(c.requires_calibration for c in (t, r, q)),
             "supported_w_bits": _intersect([c.supported_w_bits for c in (t, r, q)]),
-            "supported_a_bits": _intersect([c.supported_a_bits for c in (t, r, q)]),
+            "supported_a_bits": _intersect([stage_a_bits(c, t) for c in (t, r, q)]),
+            "supported_formats": _intersect([c.supported_formats for c in (t, r, q)]),
             "paper": " ".join(dict.fromkeys(papers)),
             "__module__": __name__,
         })

@@ -32,8 +32,8 @@ from ptqbench.tables import (ProtocolMismatchError, check_protocol, format_numbe
                              scheme_bits, slug)
 
 # Taxonomy order of the rows; families not listed here come after, alphabetically.
-FAMILY_ORDER = ("baseline", "calibration-free", "compensation", "salience/scaling", "rotation", "optimization",
-                "binarization")
+FAMILY_ORDER = ("baseline", "calibration-free", "compensation", "salience/scaling", "rotation", "reordering",
+                "optimization", "binarization")
 # Metrics a leaderboard shows by default, in column order within a scheme.
 DEFAULT_METRICS = ("perplexity", "worst_group_acc", "mean_acc", "effective_bits", "latency_us")
 METRIC_LABELS = {

@@ -84,6 +84,9 @@ class Cell:
 def _scheme_identity(s: QuantScheme) -> dict[str, Any]:
     d = dataclasses.asdict(s)
     d.pop("name")
+    for k, default in (("w_format", "int"), ("a_format", "int"), ("scale_search", "minmax")):
+        if d[k] == default:  # integer schemes keep the hashes they had before FP4 formats existed
+            d.pop(k)
     if s.a_bits >= 16:
         d.pop("a_mode"), d.pop("a_sym")
     return d

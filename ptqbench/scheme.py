@@ -23,8 +23,11 @@ import torch
 from ptqbench.errors import ConfigError
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
-ACT_BITS = (4, 8, 16)
+ACT_BITS = (3, 4, 8, 16)  # 3: only methods with per-cluster activation ranges (RPTQ) accept it
 ACT_MODES = ("dynamic_per_token", "static_per_tensor")
+FORMATS = ("int", "mxfp4", "nvfp4")  # int: the integer grid above; mxfp4/nvfp4: ptqbench.fp4
+FP4_GROUP = {"mxfp4": 32, "nvfp4": 16}  # elements per block scale, fixed by each format
+SCALE_SEARCHES = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class QuantScheme:
     partial_group: bool = False  # allow a shorter last group when group_size does not divide in_features
     keep_fp: tuple[str, ...] = ("lm_head",)  # linear-name substrings left unquantized (embeddings always are)
     name: str = ""
+    w_format: str = "int"  # int | mxfp4 | nvfp4 (E2M1 values with the format's block scales)
+    a_format: str = "int"  # int | mxfp4 | nvfp4: the activations' grid when a_bits < 16
+    scale_search: str = "minmax"  # FP4 block scales: minmax (cover the block's max) or mse (least squared error)
 
     def __post_init__(self) -> None:
         if self.w_bits != 16 and self.w_bits not in WEIGHT_BITS:
@@ -51,14 +57,38 @@ class QuantScheme:
         if self.a_mode not in ACT_MODES:
             raise ConfigError(f"quant.a_mode={self.a_mode!r} is not supported: use one of {ACT_MODES}")
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        for what, fmt in (("w_format", self.w_format), ("a_format", self.a_format)):
+            if fmt not in FORMATS:
+                raise ConfigError(f"quant.{what}={fmt!r} is not supported: use one of {list(FORMATS)}")
+        if self.scale_search not in SCALE_SEARCHES:
+            raise ConfigError(f"quant.scale_search={self.scale_search!r}: use one of {list(SCALE_SEARCHES)}")
+        if self.w_format == "int" and self.scale_search != "minmax":
+            raise ConfigError(f"quant.scale_search={self.scale_search} chooses FP4 block scales: integer grids take "
+                              f"their range from the method's range stage (e.g. method=clip+gptq); leave it minmax")
+        if self.w_format != "int":
+            if self.w_bits != 4:
+                raise ConfigError(f"quant.w_format={self.w_format} stores 4-bit E2M1 values: set quant.w_bits=4")
+            if self.group_size != FP4_GROUP[self.w_format]:
+                raise ConfigError(f"quant.group_size={self.group_size}: {self.w_format} fixes blocks of "
+                                  f"{FP4_GROUP[self.w_format]} elements: set quant.group_size="
+                                  f"{FP4_GROUP[self.w_format]}")
+        if self.a_format != "int" and self.a_bits < 16:
+            if self.a_bits != 4:
+                raise ConfigError(f"quant.a_format={self.a_format} is a 4-bit format: set quant.a_bits=4")
+            if self.a_mode != "dynamic_per_token":
+                raise ConfigError(f"quant.a_format={self.a_format} scales each block at run time: "
+                                  f"set quant.a_mode=dynamic_per_token")
 
     @property
     def label(self) -> str:
         """Short human label such as ``w4g64`` or ``w8a8``."""
+        mse = "_mse" if self.w_format != "int" and self.scale_search == "mse" else ""
         if self.name:
-            return self.name
-        g = "" if self.w_bits == 16 else ("c" if self.group_size == -1 else f"g{self.group_size}")
+            return self.name + ("" if "mse" in self.name else mse)
         a = "" if self.a_bits == 16 else f"a{self.a_bits}"
+        if self.w_format != "int":  # the format fixes bits, groups and symmetry
+            return f"{self.w_format}{a}{mse}"
+        g = "" if self.w_bits == 16 else ("c" if self.group_size == -1 else f"g{self.group_size}")
         return f"w{self.w_bits}{a}{g}{'s' if self.sym else ''}"
 
     def groups_for(self, in_features: int) -> int:
@@ -241,10 +271,15 @@ def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> to
 
 
 def quantize_activation(x: torch.Tensor, bits: int, mode: str, sym: bool = True,
-                        static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Fake-quantize activations ``x`` (..., features): per-token dynamic, or per-tensor with a static scale."""
+                        static_scale: torch.Tensor | None = None, fmt: str = "int") -> torch.Tensor:
+    """Fake-quantize activations ``x`` (..., features): per-token dynamic, or per-tensor with a static scale;
+    ``fmt`` ``mxfp4``/``nvfp4``: E2M1 blocks along the features, scales chosen at run time (``ptqbench.fp4``)."""
     if bits >= 16:
         return x
+    if fmt != "int":
+        from ptqbench.fp4 import fp4_fake_quant  # (ptqbench.fp4 builds on this module)
+
+        return fp4_fake_quant(x, fmt)
     if mode == "static_per_tensor":
         if static_scale is None:
             raise ValueError("static_per_tensor activation quantization needs a calibrated scale")

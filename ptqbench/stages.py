@@ -43,6 +43,7 @@ class Stage:
     requires_calibration: ClassVar[bool] = False
     supported_w_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     supported_a_bits: ClassVar[tuple[int, ...]] = (4, 8, 16)
+    supported_formats: ClassVar[tuple[str, ...]] = ("int",)  # value grids (quant.w_format / a_format) it can use
 
     def __init__(self, scheme: QuantScheme, config: MethodConfig | None = None) -> None:
         self.scheme = scheme
@@ -69,6 +70,9 @@ class Transform(Stage):
 
     kind = "transform"
     level: ClassVar[str] = "none"
+    # attaches its own activation quantizers (RPTQ's per-cluster ranges): the recipe's range and rounding stages,
+    # unless weight-only, then accept the activation bit widths it supports (e.g. a_bits=3)
+    supplies_act_quant: ClassVar[bool] = False
 
     def apply_model(self, model: nn.Module, calibration: Any) -> None:
         """Model-level transforms: change ``model`` in place, its FP outputs unchanged."""

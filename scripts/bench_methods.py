@@ -2,6 +2,8 @@
 
     python scripts/bench_methods.py [--methods awq hqq smoothquant] [--n-samples 32] [--seq-len 512]
     python scripts/bench_methods.py --methods gptq gptaq rescomp foem gwq discquant --quant w3g64   (compensation)
+    python scripts/bench_methods.py --methods gptq mrgptq --quant mxfp4                            (FP4)
+    python scripts/bench_methods.py --methods rptq dartquant                                       (W4A4 transforms)
 
 Each method runs on the embedded model (SmolLM2-135M) with ``n_samples`` × ``seq_len`` calibration windows from
 ``docs`` (the default calibration), composed through the real Hydra config and ``ptqbench.run.resolve`` exactly as a
@@ -14,7 +16,8 @@ Targets on a 2-core machine: AWQ <= 90 s, HQQ <= 30 s, QuaRot+RTN <= 30 s, OmniQ
 PB-LLM <= 120 s, peak host memory <= 3 GiB; a recipe costs no more than its stages run alone: AWQ+GPTQ <= AWQ +
 GPTQ (the calibration inputs, the layer loop and the FP model are shared; reported after the table). The
 compensation family at W3 g64 (``--quant w3g64``), relative to GPTQ's time in the same run: GPTAQ, residual-aware
-compensation and FOEM <= 1.5 x GPTQ, GWQ <= 2 x GPTQ; DiscQuant <= 15 min.
+compensation and FOEM <= 1.5 x GPTQ, GWQ <= 2 x GPTQ; DiscQuant <= 15 min. Rotation / FP4: MR-GPTQ <= 1.5 x GPTQ
+on the same FP4 grid (``--quant mxfp4``), RPTQ <= 2 min, DartQuant <= 5 min at W4A4.
 
 On a shared machine wall times grow with the load. Next to each time the script reports ``fwd512_s``, one 512-token
 forward of the full-precision model timed right before and after the method (mean), and ``norm_s`` = quant_s ×
@@ -48,10 +51,14 @@ NATURAL: dict[str, list[str]] = {
     "quarot": ["quant=w4a4"],  # the alias: QuaRot with GPTQ rounding
     "omniquant": ["quant=w3g64"],
     "pbllm": ["quant=w2g64", "quant.group_size=-1", "quant.name=w2c"],  # its default: 2-bit class, per-row α
+    "mrgptq": ["quant=mxfp4"],  # FP4 only: compare with --methods gptq mrgptq --quant mxfp4 (GPTQ on the same grid)
+    "rptq": ["quant=w4a4"],
+    "dartquant": ["quant=w4a4"],
 }
 TARGETS = {"awq": 90.0, "hqq": 30.0, "quarot+rtn": 30.0, "omniquant": 900.0, "pbllm": 120.0,  # seconds (the methods issue)
-           "discquant": 900.0}
-RELATIVE_TO_GPTQ = {"gptaq": 1.5, "rescomp": 1.5, "foem": 1.5, "gwq": 2.0}  # x GPTQ's time (the compensation issue)
+           "discquant": 900.0, "rptq": 120.0, "dartquant": 300.0}  # (the rotation / FP4 issue: RPTQ, DartQuant)
+RELATIVE_TO_GPTQ = {"gptaq": 1.5, "rescomp": 1.5, "foem": 1.5, "gwq": 2.0,  # x GPTQ's time (the compensation issue)
+                    "mrgptq": 1.5}  # (the FP4 issue; run with --quant mxfp4 so GPTQ works on the same grid)
 TARGET_MEM_GIB = 3.0
 QUIET_FWD512_S = 1.25  # one 512-token forward of SmolLM2-135M on the quiet 2-core machine (anchors.md)
 

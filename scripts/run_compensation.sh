@@ -6,14 +6,6 @@
 #   conf/sweep/compensation_smollm2_w4a4.yaml         W4A4: quarot (QuaRot+GPTQ) vs quarot+gptaq
 # then the table (perplexity per domain, effective bits, quantization time, peak memory).
 # Usage: bash scripts/run_compensation.sh [extra hydra overrides, e.g. runtime.threads=1]
-# Completed cells are skipped on a rerun (config hash), so an interrupted run resumes.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-RESULTS_ROOT=${RESULTS_ROOT:-results}
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
-for part in compensation_smollm2 compensation_smollm2_gwq_hessian compensation_smollm2_w4a4; do
-  echo "== +sweep=${part}"
-  "$PY" -m ptqbench "+sweep=${part}" "results_root=${RESULTS_ROOT}" "$@"
-done
+source "$(dirname "$0")/sweeps.sh"
+run_sweeps "compensation_smollm2 compensation_smollm2_gwq_hessian compensation_smollm2_w4a4" "$@"
 "$PY" -m ptqbench.results "${RESULTS_ROOT}/compensation_smollm2"

@@ -9,13 +9,6 @@
 #        RESULTS_ROOT=results/current bash scripts/run_taxonomy.sh force=true     (what make regress-taxonomy runs)
 # Completed cells are skipped on a rerun (config hash), so an interrupted run resumes. Measured on 2 CPU cores:
 # 23 cells, about 50 minutes (RTN/HQQ cells ~1 min, GPTQ/AWQ/QuaRot/PB-LLM ~2-3 min, OmniQuant ~4.5 min).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-RESULTS_ROOT=${RESULTS_ROOT:-results}
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
-for part in taxonomy_smollm2 taxonomy_smollm2_w2 taxonomy_smollm2_w8a8 taxonomy_smollm2_w4a; do
-  echo "== +sweep=${part}"
-  "$PY" -m ptqbench "+sweep=${part}" "results_root=${RESULTS_ROOT}" "$@"
-done
+source "$(dirname "$0")/sweeps.sh"
+run_sweeps "taxonomy_smollm2 taxonomy_smollm2_w2 taxonomy_smollm2_w8a8 taxonomy_smollm2_w4a" "$@"
 "$PY" -m ptqbench.results "${RESULTS_ROOT}/taxonomy_smollm2"

@@ -39,18 +39,20 @@ def grid(claim_grid):
     return claim_grid
 
 
-# Measured at this size (first 4 layers quantized, 8 x 256 docs calibration, 3 x 256 windows; docs / code / prose):
-# AWQ 16.53 / 6.01 / 27.64, GPTQ 17.75 / 6.02 / 29.52, awq+gptq 17.65 / 6.15 / 29.56, awq+clip+gptq 17.71 / 6.09 /
-# 31.34; QuaRot+RTN 23.90 / 6.62 / 33.98, QuaRot+GPTQ 16.99 / 5.73 / 27.61; W4A8 SmoothQuant+RTN 17.06 / 5.70 / 25.32,
-# SmoothQuant+GPTQ 16.75 / 5.66 / 26.04.
-AWQ_GPTQ_FAILS = ("measured: AWQ alone (awq+clip+nearest) is below both combinations on every domain — AWQ 16.53 / "
-                  "6.01 / 27.64 vs awq+gptq 17.65 / 6.15 / 29.56 and awq+clip+gptq 17.71 / 6.09 / 31.34 (docs / code "
-                  "/ prose); the combination beats GPTQ alone only on docs (GPTQ 17.75). On this model GPTQ's "
-                  "Hessian-weighted error feedback on the AWQ-scaled weights does not keep AWQ's gain")
-SQ_PROSE_FAILS = ("measured: W4A8 SmoothQuant+GPTQ 26.04 vs SmoothQuant+RTN 25.32 on prose (docs 16.75 vs 17.06 and "
-                  "code 5.66 vs 5.70 hold): GPTQ fits its updates to the docs calibration inputs, and prose is the "
-                  "domain furthest from docs (GPTQ alone is also worse than RTN on prose at W3 g64, "
-                  "results/README.md)")
+# Measured at this size (first 4 layers quantized, 8 x 256 docs calibration, 3 x 256 windows; docs / code / prose) at
+# the tests' 2 threads: AWQ 16.54 / 6.02 / 27.26, GPTQ 17.69 / 6.00 / 30.60, awq+gptq 17.48 / 5.96 / 32.59,
+# awq+clip+gptq 18.06 / 6.20 / 30.95. At 1 thread (another VM): AWQ 16.53 / 6.01 / 27.64, GPTQ 17.75 / 6.02 / 29.52,
+# awq+gptq 17.65 / 6.15 / 29.56, awq+clip+gptq 17.71 / 6.09 / 31.34; QuaRot+RTN 23.90 / 6.62 / 33.98, QuaRot+GPTQ
+# 16.99 / 5.73 / 27.61; W4A8 SmoothQuant+RTN 17.06 / 5.70 / 25.32, SmoothQuant+GPTQ 16.75 / 5.66 / 26.04.
+AWQ_GPTQ_FAILS = ("measured: AWQ alone (awq+clip+nearest) is below both combinations on docs and prose — AWQ 16.54 / "
+                  "6.02 / 27.26 vs awq+gptq 17.48 / 5.96 / 32.59 and awq+clip+gptq 18.06 / 6.20 / 30.95 (docs / code "
+                  "/ prose; GPTQ 17.69 / 6.00 / 30.60); only awq+gptq on code holds (5.96), by less than the "
+                  "float-order noise of this size. On this model GPTQ's Hessian-weighted error feedback on the "
+                  "AWQ-scaled weights does not keep AWQ's gain")
+SQ_PROSE_FAILS = ("measured (1 thread, another VM; it fails at 2 threads too): W4A8 SmoothQuant+GPTQ 26.04 vs "
+                  "SmoothQuant+RTN 25.32 on prose (docs 16.75 vs 17.06 and code 5.66 vs 5.70 hold): GPTQ fits its "
+                  "updates to the docs calibration inputs, and prose is the domain furthest from docs (GPTQ alone is "
+                  "also worse than RTN on prose at W3 g64, results/README.md)")
 
 
 def _xfail(reason: str):
@@ -61,7 +63,8 @@ def _fmt(**ppl: dict[str, float]) -> str:
     return "; ".join(f"{name} " + ", ".join(f"{d} {v:.2f}" for d, v in p.items()) for name, p in ppl.items())
 
 
-@pytest.mark.parametrize("combo,domain", [pytest.param(c, d, marks=_xfail(AWQ_GPTQ_FAILS))
+@pytest.mark.parametrize("combo,domain", [(c, d) if (c, d) == ("awq+gptq", "code") else
+                                          pytest.param(c, d, marks=_xfail(AWQ_GPTQ_FAILS))
                                           for c in ("awq+gptq", "awq+clip+gptq") for d in DOMAINS])
 def test_awq_gptq_at_most_min_of_awq_and_gptq(grid, combo, domain):
     awq, gptq, both = grid("awq", W3), grid("gptq", W3), grid(combo, W3)

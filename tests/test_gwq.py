@@ -194,17 +194,20 @@ def _fmt(**ppl: dict[str, float]) -> str:
     return "; ".join(f"{name} " + ", ".join(f"{d} {v:.3f}" for d, v in p.items()) for name, p in ppl.items())
 
 
-# Measured at this size (docs / code / prose): GWQ(gradient) 16.98 / 5.63 / 28.60, GWQ(hessian) 16.79 / 5.63 / 28.31,
-# GPTQ 17.75 / 6.02 / 29.52; GWQ 3.664 effective bits, GPTQ 3.297.
-GRADIENT_FAILS = ("measured: GWQ(gradient) 16.980 / 5.630 / 28.604 vs GWQ(hessian) 16.794 / 5.630 / 28.314 "
-                  "(docs / code / prose; on code above by less than 5e-4; GPTQ 17.75 / 6.02 / 29.52), both at 3.664 "
-                  "bits; with 4 x 256 calibration docs 17.30 vs 16.44, and 4 gradient windows give 17.34: on "
-                  "SmolLM2-135M SpQR's leave-one-out Hessian score picks better outliers than |dL/dw|")
+# Measured at this size at 2 torch threads (tests/conftest.py; docs / code / prose): GWQ(gradient) 16.756 / 5.698 /
+# 27.095, GWQ(hessian) 16.822 / 5.607 / 26.116. At 1 thread (another VM): gradient 16.980 / 5.630 / 28.604, hessian
+# 16.794 / 5.630 / 28.314, GPTQ 17.75 / 6.02 / 29.52; GWQ 3.664 effective bits, GPTQ 3.297.
+_GRADIENT = ("both at 3.664 bits; on docs gradient is below (16.756 vs 16.822) here but above at 1 thread on another VM "
+             "(16.980 vs 16.794); with 4 x 256 calibration docs 17.30 vs 16.44, and 4 gradient windows give 17.34; the "
+             "full model fails on all three domains (results/README.md): on SmolLM2-135M SpQR's leave-one-out Hessian "
+             "score picks better outliers than |dL/dw|")
+GRADIENT_FAILS = {"code": f"measured: GWQ(gradient) 5.698 vs GWQ(hessian) 5.607 on code; {_GRADIENT}",
+                  "prose": f"measured: GWQ(gradient) 27.095 vs GWQ(hessian) 26.116 on prose; {_GRADIENT}"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("domain", [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=GRADIENT_FAILS))
-                                    for d in DOMAINS])
+@pytest.mark.parametrize("domain", [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=GRADIENT_FAILS[d]))
+                                    if d in GRADIENT_FAILS else d for d in DOMAINS])
 def test_gradient_salience_at_most_hessian_salience(claim_grid, domain):
     grad, hess = claim_grid("gwq", W3), claim_grid("gwq", W3, HESSIAN)
     assert grad[domain] <= hess[domain], _fmt(gwq_gradient=grad, gwq_hessian=hess)

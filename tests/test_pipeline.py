@@ -61,6 +61,21 @@ def test_hessian_matches_manual(small):
     assert h["self_attn.q_proj"] is h["self_attn.k_proj"]  # shared input, one matrix
 
 
+def test_hessian_scaled_by_tokens_when_first_name_is_not_its_group_head(small):
+    """k_proj alone is hooked through q_proj (its group's head): the token count must still reach the scale."""
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(2))
+    got = {}
+
+    def process(ctx):
+        if ctx.index == 0:
+            got["alone"] = ctx.hessians(["self_attn.k_proj", "mlp.down_proj"])
+            got["full"] = ctx.hessians(["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"])
+
+    run_sequential(small, ids, QuantScheme(), process, batch_size=1)
+    for n in ("self_attn.k_proj", "mlp.down_proj"):
+        assert torch.equal(got["alone"][n], got["full"][n]), n
+
+
 def test_capture_records_every_layer(small):
     ids = torch.randint(0, 49152, (3, 8))
     hidden, kwargs = capture_layer_inputs(small, ids, batch_size=2)

@@ -19,7 +19,8 @@ from ptqbench.stages import group_gram, hessian_blocks, stage_names
 # the families the methods had before they became recipes (rows and reports group by them)
 OLD_FAMILIES = {"rtn": "calibration-free", "gptq": "compensation", "awq": "salience/scaling",
                 "smoothquant": "salience/scaling", "quarot": "rotation", "omniquant": "optimization",
-                "hqq": "calibration-free"}
+                "hqq": "calibration-free", "mrgptq": "rotation", "dartquant": "rotation",
+                "rptq": "reordering"}
 
 
 @pytest.mark.parametrize("name,spec", [

@@ -56,6 +56,7 @@ class FOEM(GPTQ):
     """FOEM (Zheng et al., 2026): GPTQ with the first-order term of the accumulated compensation."""
 
     name = "foem"
+    supported_formats = ("int",)  # its extra terms are derived and tested on the integer grid
     config_cls = FOEMConfig
     paper = "https://arxiv.org/abs/2507.11017"
     config: FOEMConfig

@@ -53,6 +53,7 @@ class GPTAQ(GPTQ):
     """GPTAQ (Li et al., 2025): GPTQ fitted to the full-precision model's outputs (asymmetric calibration)."""
 
     name = "gptaq"
+    supported_formats = ("int",)  # its extra terms are derived and tested on the integer grid
     config_cls = GPTAQConfig
     needs_fp_inputs = True
     paper = "https://arxiv.org/abs/2504.02692"

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from ptqbench.errors import ConfigError
+from ptqbench.fp4 import block_scales, e2m1_encode, e2m1_round, fp4_weight, tensor_scale
 from ptqbench.pipeline import LayerContext
 from ptqbench.quantizer import MethodConfig, set_linear_weight
-from ptqbench.scheme import QuantizedWeight, compute_qparams, few_threads, qmax
+from ptqbench.scheme import FORMATS, FP4_GROUP, QuantizedWeight, compute_qparams, few_threads, qmax
 from ptqbench.stages import InputStats, RangeStage, Rounding, register_stage
 
 
@@ -85,7 +86,7 @@ class Compensation:
 def gptq_quantize(
     w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False, percdamp: float = 0.01,
     blocksize: int = 128, act_order: bool = False, static_groups: bool = False, *,
-    comp: Compensation | None = None, keep: torch.Tensor | None = None,
+    comp: Compensation | None = None, keep: torch.Tensor | None = None, fmt: str = "int", scale_search: str = "minmax",
 ) -> QuantizedWeight:
     """GPTQ on one weight ``w`` (out, in) with Hessian ``h`` (in, in); returns codes, scales, zeros and ``g_idx``.
 
@@ -93,6 +94,10 @@ def gptq_quantize(
     weights left in floating point (SpQR-style outliers): they leave their group's range, take no rounding error,
     and their final (compensated) values come back in ``meta["kept_values"]`` (float32, the order of
     ``keep.nonzero()``); the codes at those positions are placeholders.
+
+    ``fmt`` ``mxfp4``/``nvfp4``: columns go onto the E2M1 grid (``ptqbench.fp4``; ``bits``/``sym`` unused) with block
+    scales fitted on ``w`` before the pass (``scale_search``), so blocks stay contiguous in the original column order
+    (the layout FP4 hardware reads) whatever the processing order; returns an ``FP4Weight``.
     """
     w = w.detach().clone().float()  # (out, in)
     h = h.detach().clone().float()  # (in, in)
@@ -102,7 +107,6 @@ def gptq_quantize(
     comp = comp or Compensation()
     d = comp.asym.detach().clone().float() if comp.asym is not None else None  # (in, in)
     w0 = comp.w_orig.detach().clone().float() if comp.w_orig is not None else None  # (out, in)
-    xhat = (d + h) if (d is not None and comp.rescomp) else None  # 2/N·X_fpᵀX_q, before dampening
     kp = keep.clone().bool() if keep is not None else None  # (out, in)
 
     dead = torch.diag(h) == 0  # inputs never active: any value works, pick 0
@@ -113,11 +117,20 @@ def gptq_quantize(
     if w0 is not None:
         w0[:, dead] = 0
 
+    fp4 = fmt != "int"
+    if fp4:
+        if comp.asym is not None or comp.w_orig is not None or kp is not None:
+            raise ValueError("gptq_quantize: FP4 grids take GPTQ's own update only (no compensation terms, no kept weights)")
+        ts = tensor_scale(w, fmt)
+        gs = FP4_GROUP[fmt]
+        fp4_stored = block_scales(w.reshape(out_f, in_f // gs, gs), fmt, scale_search, ts)[..., 0]  # (out, blocks)
+        fp4_eff = fp4_stored * ts
+
     def ranged(cols: torch.Tensor, c0: int) -> torch.Tensor:  # kept weights leave the range (0 is in it anyway)
         return cols if kp is None else cols.masked_fill(kp[:, c0: c0 + cols.shape[1]], 0)
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if static_groups:  # ranges over the original, contiguous groups
+    if static_groups and not fp4:  # ranges over the original, contiguous groups
         static = [compute_qparams(ranged(w[:, g: g + gs], g), bits, sym) for g in range(0, in_f, gs)]
 
     perm = torch.arange(in_f, device=w.device)
@@ -125,7 +138,6 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
         d = d[perm][:, perm] if d is not None else None
-        xhat = xhat[perm][:, perm] if xhat is not None else None
         w0 = w0[:, perm] if w0 is not None else None
         kp = kp[:, perm] if kp is not None else None
     inv_perm = torch.argsort(perm)
@@ -136,8 +148,12 @@ def gptq_quantize(
         hinv = torch.linalg.cholesky(h)
         hinv = torch.cholesky_inverse(hinv)
         hinv = torch.linalg.cholesky(hinv, upper=True)  # (in, in) upper Cholesky factor of H⁻¹
-    pm = comp.alpha * (d @ hinv.T).triu_(1) @ hinv if d is not None else None  # (in, in) GPTAQ's P
-    rm = comp.rescomp * (xhat @ hinv.T).triu_(1) @ hinv if xhat is not None else None  # (in, in) ResComp's R
+    rc = comp.rescomp if d is not None else 0.0
+    pm = comp.alpha * (d @ hinv.T).triu_(1) @ hinv if d is not None and not rc else None  # (in, in) GPTAQ's P
+    # ResComp: R = rc·triu((D + H)·Uᵀ, 1)·U has the closed form rc·(B + I − diag(U)⁻¹·U) with B = triu(D·Uᵀ, 1)·U
+    # (H·Uᵀ = U⁻¹ up to a diagonal-times-lower part, which triu(·, 1) drops), so R's terms fold into P's row and
+    # GPTQ's row: one (in, in) product pair and one rank-1 update fewer per column, same result in exact arithmetic
+    bm = (d @ hinv.T).triu_(1) @ hinv if rc else None  # (in, in) B
     beta = comp.first_order if w0 is not None else 0.0
     latent = comp.latent_outer
 
@@ -156,6 +172,15 @@ def gptq_quantize(
             lat1 = torch.zeros_like(w1) if latent else None  # latent columns, clamped to their grid range
             for i in range(i2 - i1):
                 col = i1 + i
+                if fp4:  # E2M1 with the block's fixed scale; GPTQ's own update below
+                    wc = w1[:, i]
+                    sc = fp4_eff[:, int(perm[col]) // gs]
+                    v = e2m1_round(wc / sc)  # (out,) grid values; encoded once after the loop
+                    codes[:, col] = v
+                    err = (wc - v * sc) / hinv1[i, i]
+                    w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)
+                    err1[:, i] = err
+                    continue
                 if static_groups:
                     gi = int(perm[col]) // gs
                     scale, zero = static[gi]
@@ -181,16 +206,20 @@ def gptq_quantize(
                     err = ((wc - deq) - beta * (wc - w0[:, col])) / hinv1[i, i]
                 else:
                     err = (wc - deq) / hinv1[i, i]
-                if pm is None and rm is None and not beta:  # plain GPTQ
+                if pm is None and bm is None and not beta:  # plain GPTQ
                     w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # spread the error onto the later columns
                 else:
                     if lat1 is not None:
                         lat1[:, i] = torch.maximum(torch.minimum(wc, (maxq - zero) * scale), -zero * scale)
-                    upd = torch.outer(err, hinv1[i, i:])
+                    if bm is not None:  # err⊗U − α·w⊗P/α − r⊗R with r = w_orig − w, R in closed form
+                        r = w0[:, col] - wc
+                        upd = torch.outer(err + r * (rc / hinv1[i, i]), hinv1[i, i:])
+                        upd.addr_(comp.alpha * wc + rc * r, bm[col, col: i2], alpha=-1)
+                        upd[:, 0].sub_(r, alpha=rc)  # R's identity part: column i's update stays err·U[i, i]
+                    else:
+                        upd = torch.outer(err, hinv1[i, i:])
                     if pm is not None:
                         upd.addr_(wc, pm[i1 + i, i1 + i: i2], alpha=-1)
-                    if rm is not None:
-                        upd.addr_(w0[:, col] - wc, rm[i1 + i, i1 + i: i2], alpha=-1)
                     if beta and comp.pullback == "block":  # (column i is done: its entry does not matter)
                         upd.add_(w1[:, i:] - w0[:, col: i2], alpha=beta)
                     elif beta and col + 1 < i2:
@@ -200,17 +229,22 @@ def gptq_quantize(
                     else:
                         w1[:, i:].sub_(upd)
                 err1[:, i] = err
-            if pm is None and rm is None and not beta:  # plain GPTQ
+            if pm is None and bm is None and not beta:  # plain GPTQ
                 w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns after this block
                 continue
-            tail_upd = err1 @ hinv[i1:i2, i2:]
             op = lat1 if lat1 is not None else w1
+            if bm is not None:  # the block's R terms folded as in the column update (identity part: inside the block)
+                r1 = w0[:, i1:i2] - op  # (out, block)
+                tail_upd = (err1 + r1 * (rc / torch.diagonal(hinv1))) @ hinv[i1:i2, i2:]
+                tail_upd.addmm_(comp.alpha * op + rc * r1, bm[i1:i2, i2:], alpha=-1)
+            else:
+                tail_upd = err1 @ hinv[i1:i2, i2:]
             if pm is not None:
                 tail_upd.addmm_(op, pm[i1:i2, i2:], alpha=-1)
-            if rm is not None:
-                tail_upd.addmm_(w0[:, i1:i2] - op, rm[i1:i2, i2:], alpha=-1)
             w[:, i2:].sub_(tail_upd)
 
+    if fp4:
+        return fp4_weight(e2m1_encode(codes[:, inv_perm]), fp4_stored, fmt, ts)
     if static_groups:
         scales = [s for s, _ in static]
         zeros = [z for _, z in static]
@@ -234,6 +268,7 @@ class GPTQ(Rounding):
     """
 
     name = "gptq"
+    supported_formats = FORMATS  # FP4 grids through the same column loop (``gptq_quantize(fmt=...)``)
     family = "compensation"
     config_cls = GPTQConfig
     requires_calibration = True
@@ -253,8 +288,15 @@ class GPTQ(Rounding):
                      extra: torch.Tensor | None) -> QuantizedWeight:
         """Round one linear's weight ``w`` (out, in) with its Hessian ``h`` (in, in) (GWQ adds its outliers here)."""
         c, sch = self.config, self.scheme
+        if sch.w_format != "int":
+            return gptq_quantize(w, h, sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize, c.act_order,
+                                 fmt=sch.w_format, scale_search=self.fp4_scale_search())
         return gptq_quantize(w, h, sch.w_bits, sch.group_size, sch.sym, c.percdamp, c.blocksize, c.act_order,
                              c.static_groups, comp=self.compensation(name, w, extra))
+
+    def fp4_scale_search(self) -> str:
+        """How FP4 block scales are chosen: the scheme's ``scale_search`` (MR-GPTQ overrides it)."""
+        return self.scheme.scale_search
 
     def quantize_layer(self, ctx: LayerContext, rng: RangeStage) -> dict[str, QuantizedWeight]:
         if self.needs_fp_inputs:

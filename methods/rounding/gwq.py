@@ -265,6 +265,7 @@ class GWQ(GPTQ):
     """GWQ (Shao et al., 2024): the top 1% weights by loss gradient kept in fp16, the rest quantized with GPTQ."""
 
     name = "gwq"
+    supported_formats = ("int",)  # its extra terms are derived and tested on the integer grid
     family = "salience/scaling"
     config_cls = GWQConfig
     paper = "https://arxiv.org/abs/2411.00850"

@@ -14,7 +14,7 @@ import torch
 
 from ptqbench.pipeline import LayerContext
 from ptqbench.quantizer import MethodConfig, set_linear_weight
-from ptqbench.scheme import QuantizedWeight
+from ptqbench.scheme import FORMATS, QuantizedWeight
 from ptqbench.stages import InputStats, RangeStage, Rounding, register_stage
 
 
@@ -28,6 +28,7 @@ class Nearest(Rounding):
     """Round to nearest on the range stage's grid (RTN)."""
 
     name = "nearest"
+    supported_formats = FORMATS  # the range stage fits the grid
     synonyms = ("rtn",)
     family = "calibration-free"
     config_cls = NearestConfig

@@ -18,6 +18,12 @@ update after each block multiplies ``P`` and ``R`` by the latent (pre-rounding) 
 range, as the derivation says (``allw``); at 2 bits by what the block left in its columns, GPTAQ's code path
 (``org``), which the authors found stable where ``allw`` can diverge. Both selectable.
 
+Computation: ``H·Uᵀ`` is ``U⁻¹`` up to a diagonal-times-lower part that ``triu(·, 1)`` drops, so
+``R = α₂·(B + I − diag(U)⁻¹·U)`` with ``B = triu(D·Uᵀ, 1)·U``: the core (``gptq_quantize``) folds R's terms into
+GPTAQ's row (``α·w + α₂·r`` times ``B``) and GPTQ's (``err + α₂·r / U[i, i]`` times ``U``), one (in, in) product pair
+and one rank-1 update per column fewer than R written out — equal in exact arithmetic, tested against the literal
+matrix; on the full model float rounding differs from the literal form (about 1e-4 of codes per linear flip).
+
 Deviation (documented): the reference code clamps the whole block's latent columns to the range of the block's
 last group; here each column is clamped to its own group's range. Everything else as ``gptaq`` (same statistics,
 same memory: one more copy of the calibration hidden states and one layer's weights).

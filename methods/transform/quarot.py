@@ -66,6 +66,7 @@ from tqdm.auto import tqdm
 from ptqbench.errors import ConfigError
 from ptqbench.models import decoder_layers
 from ptqbench.quantizer import MethodConfig
+from ptqbench.scheme import FORMATS
 from ptqbench.stages import Transform, register_stage
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -262,10 +263,12 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, online_o_proj: bool = True
-                 ) -> dict[str, float]:
+def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, online_o_proj: bool = True,
+                 residual: Rotation | None = None) -> dict[str, float]:
     """Apply QuaRot's computational-invariance transforms in place; the fp model's outputs stay the same.
 
+    ``residual``: the residual-stream rotation to use instead of the seeded randomized Hadamard (e.g. a calibrated
+    one, ``methods/transform/dartquant.py``); the seeded draw still happens, so the online rotations are the same.
     Returns facts for ``QuantResult.info`` (which rotations are Hadamard matrices, whether the head was untied).
     """
     _check_model(model)
@@ -281,6 +284,10 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True, onli
     _fold_norm(model.model.norm, [model.lm_head])
 
     q = rotation(hidden, gen, randomize=True)  # 2. rotate the residual stream
+    if residual is not None:
+        if residual.n != hidden:
+            raise ValueError(f"residual rotation of order {residual.n} for a hidden size of {hidden}")
+        q = residual
     emb = model.get_input_embeddings()
     emb.weight.copy_(_rot32(q, emb.weight).right(emb.weight.float()).to(emb.weight.dtype))  # (vocab, hidden) rows
     for layer in tqdm(layers, desc="quarot rotate", leave=False):
@@ -315,6 +322,7 @@ class QuaRot(Transform):
     """QuaRot (Ashkboos et al., 2024): Hadamard rotations that remove outliers, fused into the weights (model-level)."""
 
     name = "quarot"
+    supported_formats = FORMATS  # an equivalence in floating point: any grid after it
     family = "rotation"
     config_cls = QuaRotConfig
     level = "model"

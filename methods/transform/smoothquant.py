@@ -37,6 +37,7 @@ from ptqbench.methods.transform.folding import (fold_into_norm, fold_into_rows, 
 from ptqbench.models import decoder_layers, layers_prefix, linear_layers
 from ptqbench.pipeline import LayerContext, capture_layer_inputs
 from ptqbench.quantizer import MethodConfig
+from ptqbench.scheme import FORMATS
 from ptqbench.stages import Transform, register_stage
 
 
@@ -92,6 +93,7 @@ class SmoothQuant(Transform):
     """SmoothQuant (Xiao et al., 2023): per-channel smoothing folded into the norms (model-level, before the loop)."""
 
     name = "smoothquant"
+    supported_formats = FORMATS  # an equivalence in floating point: any grid after it
     family = "salience/scaling"
     config_cls = SmoothQuantConfig
     level = "model"

@@ -12,6 +12,10 @@ def latency(cell: CellContext, cfg: dict) -> list[dict]:
 
     if cell.is_baseline or not cell.result.layers:
         return []
+    if cell.scheme.w_format != "int":  # the Triton kernels cover integer formats; FP4 runs on the torch path
+        return [{"metric": "latency_us", "value": float("nan"), "unit": "us", "status": "skipped",
+                 "error": f"unsupported format {cell.scheme.w_format}: the Triton kernels cover integer formats",
+                 "protocol": "kernels.bench.latency_rows"}]
     shapes = sorted({qw.shape for qw in cell.result.layers.values()})  # kept-fp linears are not measured
     if cfg.get("standard_shapes", True):
         shapes += [s for s in STANDARD_SHAPES if s not in shapes]

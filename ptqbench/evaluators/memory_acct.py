@@ -35,6 +35,8 @@ KEPT_GROUPS = ("embeddings", "norms", "lm_head", "linears", "other")
 
 def quantized_bytes(qw: QuantizedWeight, packed: bool = True) -> tuple[int, str]:
     """Bytes of one quantized linear and how they were counted (``packed`` or ``storage_bits``)."""
+    if packed and hasattr(qw, "packed_nbytes"):  # a format with its own packed layout (FP4)
+        return int(qw.packed_nbytes()), "packed"
     if packed:
         try:
             from ptqbench.kernels.packing import PackedWeight
