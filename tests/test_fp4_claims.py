@@ -21,11 +21,11 @@ NVFP4 = dict(w_bits=4, group_size=16, sym=True, w_format="nvfp4", keep_fp=KEEP)
 INT4 = dict(w_bits=4, group_size=64, keep_fp=KEEP)
 
 
-# Measured at this size at 2 torch threads (tests/conftest.py; docs / code / prose): MR-GPTQ-MXFP4 15.87 / 5.61 / 23.67,
-# RTN-NVFP4 15.84 / 5.51 / 23.63. At 1 thread (another VM): RTN-MXFP4 17.46 / 5.79 / 26.06, RTN-NVFP4 15.84 / 5.51 /
+# Measured at this size on the AMD EPYC 2-core VM (docs / code / prose): MR-GPTQ-MXFP4 15.87 / 5.61 / 23.67,
+# RTN-NVFP4 15.84 / 5.51 / 23.63. On the earlier VM: RTN-MXFP4 17.46 / 5.79 / 26.06, RTN-NVFP4 15.84 / 5.51 /
 # 23.63, MR-GPTQ-MXFP4 15.71 / 5.62 / 23.61, MR-GPTQ-NVFP4 15.82 / 5.55 / 23.95, GPTQ-INT4 g64 16.04 / 5.57 / 24.34.
 _MR_MX = ("of RTN's MXFP4-to-NVFP4 gap (17.46 / 5.79 / 26.06 -> 15.84 / 5.51 / 23.63) MR-GPTQ closes all but "
-          "0.03 / 0.10 / 0.04; on docs and prose the ordering is within float-order noise (at 1 thread on another VM "
+          "0.03 / 0.10 / 0.04; on docs and prose the ordering is within float-order noise (on the earlier VM "
           "it held: 15.71, 23.61); the full model holds on all three domains (results/README.md)")
 MR_MX = {"docs": f"measured: MR-GPTQ-MXFP4 15.87 vs RTN-NVFP4 15.84 on docs; {_MR_MX}",
          "code": f"measured: MR-GPTQ-MXFP4 5.61 vs RTN-NVFP4 5.51 on code; {_MR_MX}",

@@ -40,8 +40,8 @@ def grid(claim_grid):
 
 
 # Measured at this size (first 4 layers quantized, 8 x 256 docs calibration, 3 x 256 windows; docs / code / prose) at
-# the tests' 2 threads: AWQ 16.54 / 6.02 / 27.26, GPTQ 17.69 / 6.00 / 30.60, awq+gptq 17.48 / 5.96 / 32.59,
-# awq+clip+gptq 18.06 / 6.20 / 30.95. At 1 thread (another VM): AWQ 16.53 / 6.01 / 27.64, GPTQ 17.75 / 6.02 / 29.52,
+# the AMD EPYC 2-core VM: AWQ 16.54 / 6.02 / 27.26, GPTQ 17.69 / 6.00 / 30.60, awq+gptq 17.48 / 5.96 / 32.59,
+# awq+clip+gptq 18.06 / 6.20 / 30.95. On the earlier VM: AWQ 16.53 / 6.01 / 27.64, GPTQ 17.75 / 6.02 / 29.52,
 # awq+gptq 17.65 / 6.15 / 29.56, awq+clip+gptq 17.71 / 6.09 / 31.34; QuaRot+RTN 23.90 / 6.62 / 33.98, QuaRot+GPTQ
 # 16.99 / 5.73 / 27.61; W4A8 SmoothQuant+RTN 17.06 / 5.70 / 25.32, SmoothQuant+GPTQ 16.75 / 5.66 / 26.04.
 AWQ_GPTQ_FAILS = ("measured: AWQ alone (awq+clip+nearest) is below both combinations on docs and prose — AWQ 16.54 / "
@@ -49,7 +49,7 @@ AWQ_GPTQ_FAILS = ("measured: AWQ alone (awq+clip+nearest) is below both combinat
                   "/ prose; GPTQ 17.69 / 6.00 / 30.60); only awq+gptq on code holds (5.96), by less than the "
                   "float-order noise of this size. On this model GPTQ's Hessian-weighted error feedback on the "
                   "AWQ-scaled weights does not keep AWQ's gain")
-SQ_PROSE_FAILS = ("measured (1 thread, another VM; it fails at 2 threads too): W4A8 SmoothQuant+GPTQ 26.04 vs "
+SQ_PROSE_FAILS = ("measured (earlier VM; it fails on the AMD EPYC VM too): W4A8 SmoothQuant+GPTQ 26.04 vs "
                   "SmoothQuant+RTN 25.32 on prose (docs 16.75 vs 17.06 and code 5.66 vs 5.70 hold): GPTQ fits its "
                   "updates to the docs calibration inputs, and prose is the domain furthest from docs (GPTQ alone is "
                   "also worse than RTN on prose at W3 g64, results/README.md)")

@@ -194,10 +194,10 @@ def _fmt(**ppl: dict[str, float]) -> str:
     return "; ".join(f"{name} " + ", ".join(f"{d} {v:.3f}" for d, v in p.items()) for name, p in ppl.items())
 
 
-# Measured at this size at 2 torch threads (tests/conftest.py; docs / code / prose): GWQ(gradient) 16.756 / 5.698 /
-# 27.095, GWQ(hessian) 16.822 / 5.607 / 26.116. At 1 thread (another VM): gradient 16.980 / 5.630 / 28.604, hessian
+# Measured at this size on the AMD EPYC 2-core VM (docs / code / prose): GWQ(gradient) 16.756 / 5.698 /
+# 27.095, GWQ(hessian) 16.822 / 5.607 / 26.116. On the earlier VM: gradient 16.980 / 5.630 / 28.604, hessian
 # 16.794 / 5.630 / 28.314, GPTQ 17.75 / 6.02 / 29.52; GWQ 3.664 effective bits, GPTQ 3.297.
-_GRADIENT = ("both at 3.664 bits; on docs gradient is below (16.756 vs 16.822) here but above at 1 thread on another VM "
+_GRADIENT = ("both at 3.664 bits; on docs gradient is below (16.756 vs 16.822) here but above on the earlier VM "
              "(16.980 vs 16.794); with 4 x 256 calibration docs 17.30 vs 16.44, and 4 gradient windows give 17.34; the "
              "full model fails on all three domains (results/README.md): on SmolLM2-135M SpQR's leave-one-out Hessian "
              "score picks better outliers than |dL/dw|")
