@@ -143,9 +143,13 @@ class LayerContext:
             # keep every input tensor alive until the grouping is done: comparing by ``id()`` alone is wrong, since
             # CPython reuses a freed tensor's id (o_proj's input is freed before gate/up's input is allocated, and
             # the two then shared an id in about 1 run in 16, handing gate/up o_proj's Hessian)
+            # prepend: see each linear's input before any pre-hook already on it replaces it (an activation
+            # quantizer returns a new tensor per linear, which would split q/k/v into three groups, and the cache
+            # would hand that split to every later recipe in the process: AWQ then folds a scale into the norm
+            # but compensates only q_proj)
             order: list[tuple[str, torch.Tensor]] = []
             handles = [m.register_forward_pre_hook(
-                (lambda n: lambda _m, a: order.append((n, a[0])))(n)) for n, m in linears.items()]
+                (lambda n: lambda _m, a: order.append((n, a[0])))(n), prepend=True) for n, m in linears.items()]
             try:
                 with torch.no_grad():
                     self.layer(self.inputs[0][:1], **_slice_kwargs(self.kwargs[0], self.inputs[0].shape[0]))

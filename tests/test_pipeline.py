@@ -109,3 +109,21 @@ def test_groups_are_shared_inputs_not_reused_ids():
         pipeline._GROUP_CACHE.clear()
         ctx = LayerContext(0, "layer", layer, [x], [{}], ["a", "b", "c", "d"])
         assert ctx.groups() == [["a"], ["b"], ["c", "d"]]
+
+
+def test_groups_ignore_pre_hooks_that_replace_a_linears_input():
+    """An activation quantizer's pre-hook hands each linear its own new tensor; the grouping must still see the shared
+    input (the cache keeps the first grouping for every later model of the process)."""
+    from ptqbench import pipeline
+    from ptqbench.pipeline import LayerContext
+
+    layer = _FreedTemporaries()
+    handles = [getattr(layer, n).register_forward_pre_hook(lambda _m, a: (a[0] * 1.0,)) for n in "abcd"]
+    try:
+        pipeline._GROUP_CACHE.clear()
+        ctx = LayerContext(0, "layer", layer, [torch.randn(2, 3, 4)], [{}], ["a", "b", "c", "d"])
+        assert ctx.groups() == [["a"], ["b"], ["c", "d"]]
+    finally:
+        for h in handles:
+            h.remove()
+        pipeline._GROUP_CACHE.clear()
