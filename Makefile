@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_SILENT := true
+# make test runs test files on this many parallel pytest-xdist workers (each takes cores / workers threads)
+TEST_WORKERS ?= 2
 
 .PHONY: setup setup-gemma run test bench regress regress-taxonomy clean
 
@@ -32,7 +34,7 @@ run: setup
 
 test: setup
 	bash scripts/ensure_chromium.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) scripts/bench_foundation.py

@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -188,11 +189,20 @@ def _tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _text(name: str, split: str) -> tuple[str, str]:
+    """A split's documents joined by blank lines, and the digest that names its token cache files."""
+    text = "\n\n".join(documents(name, split))
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _token_file(tokenizer_id: str, name: str, split: str, digest: str) -> Path:
+    return cache_root() / "tokens" / tokenizer_id / f"{name}-{split}-{digest}.pt"
+
+
 def tokens(name: str, split: str, tokenizer: Any, tokenizer_id: str) -> torch.Tensor:
     """Token ids (n,) of a source's split: documents joined by blank lines, tokenized once, cached on disk."""
-    text = "\n\n".join(documents(name, split))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = cache_root() / "tokens" / tokenizer_id / f"{name}-{split}-{digest}.pt"
+    text, digest = _text(name, split)
+    path = _token_file(tokenizer_id, name, split, digest)
     if path.is_file():
         return torch.load(path)
     ids = _tokenize(tokenizer, text)
@@ -201,6 +211,45 @@ def tokens(name: str, split: str, tokenizer: Any, tokenizer_id: str) -> torch.Te
     torch.save(ids, tmp)
     os.replace(tmp, path)
     return ids
+
+
+def max_tokens(name: str, split: str, model_label: str) -> int:
+    """An upper bound on a split's token count, known before the model (and its tokenizer) is loaded.
+
+    Exact when this model's tokenizer has tokenized the split before (the token cache on disk is keyed by
+    ``<label>-<vocab size>``, so a cache of that label with the split's digest is this text's count); otherwise
+    the text's UTF-8 bytes, which no tokenizer exceeds (a token covers at least one byte; one more per chunk for a
+    sentencepiece prefix). Loads a hub dataset here when the source is one, so an unreachable one fails early."""
+    text, digest = _text(name, split)
+    root = cache_root() / "tokens"
+    ours = re.compile(re.escape(model_label) + r"-\d+")  # <label>-<vocab size>, not another label's prefix
+    counts = {int(torch.load(p, mmap=True).numel())
+              for p in root.glob(f"{_glob_escape(model_label)}-*/{name}-{split}-{digest}.pt")
+              if ours.fullmatch(p.parent.relative_to(root).as_posix())}
+    if len(counts) == 1:
+        return counts.pop()
+    return len(text.encode()) + len(text) // 200_000 + 1
+
+
+def _glob_escape(s: str) -> str:
+    """``s`` with glob metacharacters escaped (hub ids are labels; a local folder name may hold brackets)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in s)
+
+
+def check_lengths(spec: CalibSpec | None, eval_seq_len: int | None, eval_sources: list[str],
+                  model_label: str) -> None:
+    """Refuse windows longer than the text before the model is loaded (``calib.seq_len=100000000``), with the
+    bound from ``max_tokens``; the exact checks in ``draw_calibration`` and ``eval_set`` still run after."""
+    for src, _ in spec.allocation() if spec is not None else []:
+        n = max_tokens(src, "calib", model_label)
+        if n <= spec.seq_len:
+            raise ConfigError(f"calib.seq_len={spec.seq_len} is longer than the calibration split of {src} "
+                              f"({n} tokens at most): use calib.seq_len < {n}")
+    for src in eval_sources if eval_seq_len else []:
+        n = max_tokens(src, "eval", model_label)
+        if n < eval_seq_len:
+            raise ConfigError(f"eval.perplexity.seq_len={eval_seq_len} is longer than the evaluation split of {src} "
+                              f"({n} tokens at most): use eval.perplexity.seq_len <= {n}")
 
 
 def fingerprint(ids: torch.Tensor) -> str:
@@ -224,8 +273,10 @@ class CalibSpec:
             check_source(src)
             if w <= 0:
                 raise ConfigError(f"calib {self.name}: weight of {src} must be > 0")
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise ConfigError(f"calib {self.name}: n_samples >= 1 and seq_len >= 2 required")
+        if self.n_samples < 1:
+            raise ConfigError(f"calib.n_samples={self.n_samples} (calib {self.name}): use an integer >= 1")
+        if self.seq_len < 2:
+            raise ConfigError(f"calib.seq_len={self.seq_len} (calib {self.name}): use an integer >= 2")
 
     def allocation(self) -> list[tuple[str, int]]:
         """Windows per source by largest remainder, in source order."""

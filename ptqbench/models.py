@@ -9,8 +9,10 @@ not comparable with papers' fp16 checkpoints.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from ptqbench.errors import ConfigError, UnavailableError
 log = logging.getLogger(__name__)
 
 EMBEDDED = ("smollm2_135m", "gemma3_270m")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -53,6 +56,21 @@ class ModelSpec:
             raise ConfigError(f"model {self.name}: set model.package to the python package holding the GGUF file")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r}: use auto or one of {sorted(DTYPES)}")
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"model.device={self.device!r}: use auto, cpu, cuda, cuda:<index> or mps")
+        if self.seq_len_max < 2:
+            raise ConfigError(f"model.seq_len_max={self.seq_len_max}: use an integer >= 2")
+
+    @property
+    def label(self) -> str:
+        """The name rows and tables show. The generic ``model=hf`` entry is labelled by its hub id or, for a local
+        folder, the folder's name, so two hub models never share the label ``hf`` in one table."""
+        if self.name != "hf" or not self.path:
+            return self.name
+        local = Path(self.path).expanduser()
+        if local.is_dir() or self.path.startswith(("/", ".", "~")):
+            return local.resolve().name or self.path
+        return self.path  # a hub id such as org/model
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -84,7 +102,7 @@ class LoadedModel:
     @property
     def tokenizer_id(self) -> str:
         """Keys the token cache: the same tokenizer gives the same ids."""
-        return f"{self.spec.name}-{len(self.tokenizer)}"
+        return f"{self.spec.label}-{len(self.tokenizer)}"  # the label: two model=hf tokenizers must not mix
 
 
 def cache_root() -> Path:
@@ -186,6 +204,9 @@ def check_available(spec: ModelSpec) -> None:
         return
     if Path(spec.path).expanduser().is_dir():
         return
+    if spec.path.startswith(("/", ".", "~")):  # a local path that is not there, not a hub id
+        raise UnavailableError(f"model.path={spec.path!r} is not a folder: give the folder that holds config.json "
+                               f"and the weights, or a hub id such as facebook/opt-125m")
     from transformers import AutoConfig
 
     try:
@@ -197,6 +218,25 @@ def check_available(spec: ModelSpec) -> None:
             f"on a machine with network (huggingface-cli download {spec.path}) or use an embedded model: "
             f"model={' or model='.join(EMBEDDED)}"
         ) from None
+
+
+def model_config(spec: ModelSpec) -> dict[str, Any] | None:
+    """The model's ``config.json`` as a dict when it can be read without loading weights (a hub model in the
+    local cache or a folder; an embedded model converted once before), else None. It lets shape checks such as
+    a group size against the hidden size refuse a cell before the model is loaded."""
+    try:
+        if spec.source == "gguf_package":
+            path = _converted_dir(spec, _gguf_path(spec)) / "config.json"
+            return json.loads(path.read_text()) if path.is_file() else None
+        local = Path(spec.path).expanduser() / "config.json"
+        if local.is_file():
+            return json.loads(local.read_text())
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(spec.path, revision=spec.revision,
+                                          trust_remote_code=spec.trust_remote_code).to_dict()
+    except (OSError, ValueError):  # unreadable here: the check after loading still applies
+        return None
 
 
 def load(spec: ModelSpec) -> LoadedModel:

@@ -311,6 +311,36 @@ def check_model_scheme(model: nn.Module, scheme: QuantScheme) -> None:
         scheme.check_layer(name, mods[name].in_features)
 
 
+def config_linears(config: dict[str, Any]) -> dict[str, int]:
+    """``{linear name: in_features}`` of a decoder LM's layers from its ``config.json`` alone (Llama-style
+    q/k/v/o/gate/up/down or OPT-style q/k/v/out/fc1/fc2), or {} for a config this does not recognise."""
+    hidden, n_layers = config.get("hidden_size"), config.get("num_hidden_layers")
+    heads = config.get("num_attention_heads")
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, n_layers, heads)):
+        return {}
+    attn = (config.get("head_dim") or hidden // heads) * heads  # o_proj's input: heads x head_dim (Gemma != hidden)
+    if isinstance(config.get("intermediate_size"), int):
+        prefix, mlp = "model.layers", {"mlp.gate_proj": hidden, "mlp.up_proj": hidden,
+                                       "mlp.down_proj": config["intermediate_size"]}
+        out = "self_attn.o_proj"
+    elif isinstance(config.get("ffn_dim"), int):
+        prefix, mlp = "model.decoder.layers", {"fc1": hidden, "fc2": config["ffn_dim"]}
+        out = "self_attn.out_proj"
+    else:
+        return {}
+    per_layer = {"self_attn.q_proj": hidden, "self_attn.k_proj": hidden, "self_attn.v_proj": hidden, out: attn, **mlp}
+    return {f"{prefix}.{i}.{n}": d for i in range(n_layers) for n, d in per_layer.items()}
+
+
+def check_config_scheme(config: dict[str, Any], scheme: QuantScheme) -> None:
+    """``check_model_scheme`` from the model's config.json, before the model is loaded (a group size that does
+    not divide the hidden size is known from the config). The names follow the usual layouts; the check on the
+    loaded model stays the authority for layouts this does not know."""
+    for name, in_features in config_linears(config).items():
+        if not any(k and k in name for k in scheme.keep_fp):
+            scheme.check_layer(name, in_features)
+
+
 def run_sequential(model: nn.Module, input_ids: torch.Tensor, scheme: QuantScheme,
                    process: Callable[[LayerContext], None], batch_size: int = 8, desc: str = "layers",
                    fp_inputs: bool = False) -> None:

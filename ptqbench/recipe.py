@@ -283,14 +283,3 @@ def recipe_names() -> list[str]:
                 if toks:
                     names.add("+".join(toks))
     return sorted(n for n in names if n not in ALIASES)
-
-
-def register_hydra_recipes() -> None:
-    """Put every recipe name into Hydra's ConfigStore under the ``method`` group, so ``method=awq+gptq`` composes
-    (the aliases keep their commented files in ``conf/method/``). Idempotent."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    for name in recipe_names():
-        spec = parse_recipe(name)
-        cs.store(group="method", name=name, node={"name": name, "params": stage_defaults(spec)})

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ptqbench import __version__, data, memory, models, results
+from ptqbench import __version__, data, memory, models, results, validate
 from ptqbench.errors import ConfigError
 from ptqbench.evaluators import CellContext, evaluators
-from ptqbench.pipeline import check_model_scheme, target_linears
+from ptqbench.pipeline import check_config_scheme, check_model_scheme, target_linears
 from ptqbench.quantizer import MethodConfig, Quantizer, build_config, get_method
 from ptqbench.scheme import QuantScheme
 
@@ -38,6 +38,9 @@ log = logging.getLogger("ptqbench")
 PROTOCOL_VERSION = 1  # bump when a change to the harness changes numbers; it is part of every config hash
 _CACHE: dict[Any, Any] = {}  # process-wide: models, tokens, calibration sets, eval windows, baseline results
 _WRITTEN_HERE: set[tuple[str, str]] = set()  # (results folder, config hash) of the cells this process wrote
+# (config hash, method, error) of the cells that failed in this process: __main__ lists them and exits non-zero
+# once Hydra returns, so a sweep finishes its other cells and scripts and CI still notice the failure
+_FAILED_HERE: list[tuple[str, str, str]] = []
 
 
 @dataclass
@@ -100,19 +103,54 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _check_missing(cfg: Any) -> None:
+    """A mandatory value left at ``???`` (``model=hf`` without ``model.path``) is named, not passed on as text."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} must be set: add {' '.join(f'{k}=<value>' for k in missing)} "
+                              f"to the command line")
+
+
+def _check_method_params(method_cls: type[Quantizer], params: dict[str, Any]) -> None:
+    """Types of the method's parameters (per stage for recipes); unknown names are refused by build_config."""
+    stages = getattr(method_cls, "stage_classes", None)
+    if stages is None:
+        validate.check_types("method.params", method_cls.config_cls, params)
+        return
+    for st in stages:
+        p = params.get(st.kind)
+        if p is not None and not isinstance(p, dict):
+            raise ConfigError(f"method.params.{st.kind}={p!r}: use a mapping of the {st.name} stage's parameters, "
+                              f"e.g. method.params.{st.kind}.<field>=<value>")
+        validate.check_types(f"method.params.{st.kind}", st.config_cls, p or {})
+
+
+def _check_runtime(runtime: dict[str, Any]) -> None:
+    validate.positive_int("runtime.calib_batch_size", runtime.get("calib_batch_size", 8))
+    validate.positive_int("runtime.threads", runtime.get("threads"), allow_none=True)
+
+
 def resolve(cfg: Any) -> Cell:
     """Build and validate every spec of a cell from the composed config (no model is loaded)."""
+    _check_missing(cfg)
     cfg = _plain(cfg)
     method_cls = get_method(cfg["method"]["name"])
     method_cls.validate_environment()
-    method_cfg = build_config(method_cls, cfg["method"].get("params") or {})
+    params = cfg["method"].get("params") or {}
+    _check_method_params(method_cls, params)
+    method_cfg = build_config(method_cls, params)
     q = dict(cfg["quant"])
+    validate.check_types("quant", QuantScheme, q)
     try:
         scheme = QuantScheme(**q)
     except TypeError as e:
         raise ConfigError(f"quant: {e}") from None
     method_cls.check_scheme(scheme)
     m = dict(cfg["model"])
+    validate.check_types("model", models.ModelSpec, m)
     try:
         model_spec = models.ModelSpec(**m)
     except TypeError as e:
@@ -121,8 +159,14 @@ def resolve(cfg: Any) -> Cell:
     sources = c.get("sources") or {c["name"]: 1.0}
     needs_calib = method_cls.requires_calibration or (scheme.a_bits < 16 and scheme.a_mode == "static_per_tensor"
                                                       and not method_cls.family == "baseline")
-    calib = data.CalibSpec(c["name"], tuple((k, float(v)) for k, v in sources.items()), int(c["n_samples"]),
-                           int(c["seq_len"])) if needs_calib else None
+    for k in ("n_samples", "seq_len"):  # types here; CalibSpec refuses values that cannot work
+        if isinstance(c.get(k), bool) or not isinstance(c.get(k), int):
+            raise ConfigError(f"calib.{k}={c.get(k)!r}: use an integer >= {1 if k == 'n_samples' else 2}")
+    for k, v in sources.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"calib.sources.{k}={v!r}: use a positive number (the source's weight)")
+    calib = data.CalibSpec(c["name"], tuple((k, float(v)) for k, v in sources.items()), c["n_samples"],
+                           c["seq_len"]) if needs_calib else None
     eval_cfg = {k: v for k, v in (cfg.get("eval") or {}).items() if v and (not isinstance(v, dict)
                                                                             or v.get("enabled", True))}
     known = evaluators()
@@ -132,7 +176,8 @@ def resolve(cfg: Any) -> Cell:
     from ptqbench.evaluators.perplexity import check_config
 
     check_config(eval_cfg.get("perplexity", {}))
-    seed = int(cfg.get("seed", 0))
+    seed = validate.positive_int("seed", cfg.get("seed", 0), minimum=0)
+    _check_runtime(dict(cfg.get("runtime") or {}))
     return Cell(model_spec, method_cls, method_cfg, scheme, calib, c["name"] if calib else "none", seed, eval_cfg,
                 Path(cfg.get("results_dir", "results/default")), cfg.get("sweep_name", "default"),
                 bool(cfg.get("force", False)), dict(cfg.get("runtime") or {}))
@@ -186,7 +231,7 @@ def _base_row(cell: Cell, calib: data.Calibration | None, device: str) -> dict[s
     s = cell.scheme
     base = cell.is_baseline
     return {
-        "model": cell.model.name, "method": cell.method_cls.name, "family": cell.method_cls.family,
+        "model": cell.model.label, "method": cell.method_cls.name, "family": cell.method_cls.family,
         **_stage_columns(cell.method_cls),
         "w_bits": 16 if base else s.w_bits, "a_bits": 16 if base else s.a_bits,
         "group_size": -1 if base else s.group_size, "sym": False if base else s.sym,
@@ -213,7 +258,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     cell = resolve(cfg)
     _logger(cfg, cell)  # a bad logger config (or wandb missing) fails here, before any work
     h = cell.config_hash
-    log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.name,
+    log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.label,
              cell.method_cls.name, cell.scheme.label, cell.calib_name, cell.seed, results.cell_path(cell.results_dir, h))
     # force=true recomputes a cell once per process: sweep cells that share a hash (fp16 across schemes, RTN across
     # calibration sets) are not recomputed again by the same sweep
@@ -221,7 +266,9 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     if (not cell.force or fresh) and results.cell_status(cell.results_dir, h) == "complete":
         log.info("cell %s already complete%s: skipped (force=true recomputes)", h, " (this process)" if fresh else "")
         return results.read_cell(results.cell_path(cell.results_dir, h)).to_dict("records")
+    validate.check_writable(cell.results_dir)  # else the cell would be computed and then lost
     models.check_available(cell.model)  # fail fast on unreachable hub models, before any loading
+    _check_before_loading(cell)
 
     t_cell = time.perf_counter()
     loaded = _model(cell.model)
@@ -261,7 +308,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 rows.append({"metric": f"info:{k}", "value": float(v), "unit": "", "protocol": "method info"})
         memory.reset_peaks()
-        ctx = CellContext(model, loaded.tokenizer, loaded.tokenizer_id, cell.model.name, loaded.device, qres,
+        ctx = CellContext(model, loaded.tokenizer, loaded.tokenizer_id, cell.model.label, loaded.device, qres,
                           cell.scheme, cell.is_baseline, cell.seed, calib, _CACHE)
         t1 = time.perf_counter()
         for name, fn in evaluators().items():
@@ -286,11 +333,29 @@ def run(cfg: Any) -> list[dict[str, Any]]:
         if row["status"] == "ok" and isinstance(v, float) and not math.isfinite(v) and row["metric"] != "cell":
             row["status"], row["error"] = "diverged", row.get("error") or "non-finite value"
         out.append(row)
+    if rows and rows[0]["metric"] == "cell" and rows[0].get("status") == "failed":
+        _FAILED_HERE.append((h, cell.method_cls.name, rows[0]["error"]))
     path = results.write_cell(cell.results_dir, h, out)
     _WRITTEN_HERE.add((str(cell.results_dir), h))
     log.info("cell %s written to %s (%.1f s)", h, path, wall)
     _logger(cfg, cell).log_cell(_plain(cfg), out)
     return out
+
+
+def _check_before_loading(cell: Cell) -> None:
+    """What can be refused from the model's config.json and the text alone, so a cell that cannot work fails in
+    seconds instead of after the model loads: a group size that does not divide a layer's input features, windows
+    longer than the calibration or evaluation text (also loads hub datasets, so an unreachable one fails here)."""
+    config = None if cell.is_baseline else models.model_config(cell.model)
+    if config is not None:
+        check_config_scheme(config, cell.scheme)
+    ppl = cell.eval_cfg.get("perplexity") or {}
+    data.check_lengths(cell.calib, ppl.get("seq_len"), list(ppl.get("datasets") or []), cell.model.label)
+
+
+def failed_cells() -> list[tuple[str, str, str]]:
+    """(config hash, method, error) of every cell that failed in this process, in order."""
+    return list(_FAILED_HERE)
 
 
 def _logger(cfg: Any, cell: Cell):

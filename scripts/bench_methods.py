@@ -83,7 +83,8 @@ def bench(methods: list[str], n_samples: int, seq_len: int, quant: str | None = 
     from ptqbench.pipeline import target_linears
     from ptqbench.errors import ConfigError
     from ptqbench.quantizer import get_method
-    from ptqbench.recipe import recipe_names, register_hydra_recipes
+    from ptqbench.hydra_recipes import register_hydra_recipes
+    from ptqbench.recipe import recipe_names
     from ptqbench.run import resolve
 
     register_hydra_recipes()  # method=quarot+rtn and the other recipes compose, as python -m ptqbench does

@@ -81,13 +81,22 @@ def test_force_recomputes_a_shared_cell_once_per_process(compose, tmp_path):
     assert [r["value"] for r in second] == [r["value"] for r in first]
 
 
-def test_failing_cell_is_recorded_and_not_complete(compose, tmp_path):
-    cfg = compose(["+sweep=smoke", "method=gptq", "calib.seq_len=100000000", f"results_root={tmp_path}"])
+def test_failing_cell_is_recorded_and_not_complete(compose, tmp_path, monkeypatch):
+    # calib.seq_len=100000000 is now refused before loading (tests/test_bad_input.py): fail after loading instead
+    real = run_mod.evaluators
+
+    def broken(ctx, cfg):
+        raise RuntimeError("fewer than seq_len tokens in the evaluation text")
+
+    monkeypatch.setattr(run_mod, "evaluators", lambda: {**real(), "perplexity": broken})
+    monkeypatch.setattr(run_mod, "_FAILED_HERE", [])
+    cfg = compose(["+sweep=smoke", "method=fp16", f"results_root={tmp_path}"])
     rows = run_mod.run(cfg)
     assert [r["status"] for r in rows] == ["failed"]
     assert "fewer than seq_len" in rows[0]["error"]
     h = rows[0]["config_hash"]
     assert results.cell_status(tmp_path / "smoke", h) == "failed"  # a rerun will retry it
+    assert run_mod.failed_cells() == [(h, "fp16", rows[0]["error"])]  # what __main__ lists before exiting 1
 
 
 def test_non_finite_perplexity_is_diverged(smol):

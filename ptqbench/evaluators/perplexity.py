@@ -35,13 +35,22 @@ def perplexity(model: nn.Module, data: EvalSet, batch_size: int = 1, device: str
 
 
 from ptqbench.data import check_source, eval_set  # noqa: E402
+from ptqbench.errors import ConfigError  # noqa: E402
 from ptqbench.evaluators import CellContext, register_evaluator  # noqa: E402
+from ptqbench.validate import positive_int  # noqa: E402
 
 
 def check_config(cfg: dict) -> None:
-    """Refuse unknown eval datasets before any work."""
+    """Refuse unknown eval datasets and impossible window counts or lengths before any work."""
     for name in cfg.get("datasets", []):
         check_source(name)
+    if cfg.get("datasets"):
+        positive_int("eval.perplexity.seq_len", cfg.get("seq_len"), minimum=2)
+    positive_int("eval.perplexity.batch_size", cfg.get("batch_size", 1))
+    # max_windows: null or <= 0 means every window (documented in conf/eval); only its type can be wrong
+    mw = cfg.get("max_windows")
+    if mw is not None and (isinstance(mw, bool) or not isinstance(mw, int)):
+        raise ConfigError(f"eval.perplexity.max_windows={mw!r}: use an integer (<= 0 or null: every window)")
 
 
 @register_evaluator("perplexity")
