@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -12,6 +13,13 @@ __version__ = "0.1.0"
 _ROOT = Path(__file__).resolve().parent.parent
 if (_ROOT / "methods" / "__init__.py").is_file() and not (Path(__file__).parent / "methods").is_dir():
     __path__.append(str(_ROOT))  # type: ignore[name-defined]  # noqa: F821
+
+# conf/hydra/launcher/{joblib,submitit_slurm,submitit_local}.yaml keep the plugins' names (users type
+# hydra/launcher=joblib) and are complete configs; Hydra 1.3 still validates them against the plugins' schemas of the
+# same name, which is welcome, but warns about it on every run and in every launcher worker (which imports this
+# package before composing its job's config)
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*' is validated against ConfigStore schema",
+                        category=UserWarning)
 
 
 def conf_dir() -> Path:

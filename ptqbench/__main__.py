@@ -22,14 +22,34 @@ log = logging.getLogger("ptqbench")
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from ptqbench.run import configure_threads, run
+    from ptqbench.run import configure_threads, finish_deferred, run
 
     configure_threads(cfg.get("runtime") or {})
+    worker = _launcher_worker()
     try:
         run(cfg)
+        if worker:
+            # a launcher's worker (joblib, submitit) never sees the sweep's end: a cell another process had
+            # claimed is waited for here, at the end of this job, instead of in FinishLoggers.on_multirun_end
+            finish_deferred()
     except ConfigError as e:  # a user error: one line, no traceback, non-zero exit
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _launcher_worker() -> bool:
+    """Whether this job runs under a launcher other than Hydra's in-process one; also records the first job
+    number this process runs as its rank (``PTQBENCH_RANK``: with several GPUs, each worker takes its own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hc = HydraConfig.get()
+        num, target = hc.job.get("num"), str(hc.launcher.get("_target_", ""))
+    except Exception:  # noqa: BLE001 (no Hydra context, or a single run without a job number)
+        return False
+    if isinstance(num, int):
+        os.environ.setdefault("PTQBENCH_RANK", str(num))
+    return not target.endswith("BasicLauncher")
 
 
 def one_line(message: str, max_options: int = 12) -> str:

@@ -249,7 +249,19 @@ def compare(base_df: pd.DataFrame, cur_df: pd.DataFrame, tol: Tolerances = Toler
 
 def compare_dirs(baseline: str | Path, current: str | Path, tol: Tolerances = Tolerances()) -> Comparison:
     """Load two results folders and compare them."""
-    return compare(load_results(baseline), load_results(current), tol, str(baseline), str(current))
+    return compare(_load_whole(baseline), _load_whole(current), tol, str(baseline), str(current))
+
+
+def _load_whole(folder: str | Path) -> pd.DataFrame:
+    """A folder's rows, refusing one with a corrupt cell file (named): ``load_results`` skips such a file, but a
+    regression gate that silently compared the rest would report its cells as missing instead of saying why."""
+    df = load_results(folder)
+    corrupt = df.attrs.get("corrupt") or []
+    if corrupt:
+        raise ResultsError(f"cannot read results file {corrupt[0]}"
+                           f"{f' (and {len(corrupt) - 1} more)' if len(corrupt) > 1 else ''}: corrupt; rerun its "
+                           f"sweep to recompute it")
+    return df
 
 
 # --- the page ----------------------------------------------------------------------------------------------------

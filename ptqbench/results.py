@@ -4,12 +4,17 @@ A row is one (cell, metric, dataset, group) value. Each cell is a folder-less pa
 ``<results_dir>/cells/<config_hash>.parquet`` (+ ``.csv`` beside it for people and diffs), written to a temporary
 name and renamed, so a crash never leaves a half-written cell that looks complete. Readers concatenate.
 
+A cell file that cannot be read (truncated, corrupted, or without the columns every cell has) is *corrupt*: the
+reader logs a warning naming its path and skips it, and ``cell_status`` reports it as ``corrupt``, so the next run
+recomputes it instead of trusting it.
+
 ``python -m ptqbench.results <dir> [--all] [--csv]`` prints a folder as a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -28,6 +33,10 @@ COLUMNS = [
 # here, e.g. kernel latency without a GPU)
 STATUSES = ("ok", "diverged", "failed", "skipped")
 COMPLETE = ("ok", "diverged", "skipped")  # a cell whose rows all have these statuses is not recomputed
+
+
+log = logging.getLogger("ptqbench")
+_REQUIRED = ("metric", "value", "status", "config_hash")  # a cell file without these is not a cell
 
 
 class ResultsError(ValueError):
@@ -76,26 +85,44 @@ def write_cell(results_dir: str | os.PathLike, config_hash: str, rows: list[dict
 
 
 def read_cell(path: Path) -> pd.DataFrame:
+    """One cell file's rows; ResultsError (naming the path) when it is unreadable or not a cell."""
     try:
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types for a corrupted file)
         raise ResultsError(f"cannot read results file {path}: {type(e).__name__}: {e}") from None
+    missing = [c for c in _REQUIRED if c not in df.columns]
+    if missing or not len(df):
+        raise ResultsError(f"results file {path} is not a cell: "
+                           f"{f'no columns {missing}' if missing else 'no rows'}")
+    return df
 
 
 def cell_status(results_dir: str | os.PathLike, config_hash: str) -> str | None:
-    """``complete``, ``failed`` or None (absent) for a cell."""
+    """``complete``, ``failed``, ``corrupt`` (unreadable: logged with its path, recomputed by the next run) or None
+    (absent) for a cell."""
     path = cell_path(results_dir, config_hash)
     if not path.exists():
         return None
     try:
         df = read_cell(path)
-    except ResultsError:
-        return None  # unreadable: recompute it
-    return "complete" if len(df) and df["status"].isin(COMPLETE).all() else "failed"
+    except ResultsError as e:
+        log.warning("%s: corrupt, it will be recomputed", e)
+        return "corrupt"
+    return "complete" if df["status"].isin(COMPLETE).all() else "failed"
+
+
+def _read_any(f: Path) -> pd.DataFrame:
+    if f.suffix != ".csv":
+        return read_cell(f)
+    try:
+        return pd.read_csv(f)
+    except Exception as e:  # noqa: BLE001
+        raise ResultsError(f"cannot read results file {f}: {type(e).__name__}: {e}") from None
 
 
 def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
-    """All rows of a results folder (its ``cells/`` files, or csv/parquet files directly inside it)."""
+    """All rows of a results folder (its ``cells/`` files, or csv/parquet files directly inside it). Corrupt files
+    are skipped with a warning naming each; their paths are in ``df.attrs["corrupt"]``."""
     root = Path(results_dir)
     if not root.exists():
         raise ResultsError(f"results folder {root} does not exist: run a sweep first or pass the right path")
@@ -104,16 +131,18 @@ def load_results(results_dir: str | os.PathLike) -> pd.DataFrame:
         files = sorted(root.glob("*.parquet")) or sorted(root.glob("*.csv"))
     if not files:
         raise ResultsError(f"results folder {root} holds no result files (cells/*.parquet)")
-    frames = []
+    frames, corrupt = [], []
     for f in files:
-        if f.suffix == ".csv":
-            try:
-                frames.append(pd.read_csv(f))
-            except Exception as e:  # noqa: BLE001
-                raise ResultsError(f"cannot read results file {f}: {type(e).__name__}: {e}") from None
-        else:
-            frames.append(read_cell(f))
+        try:
+            frames.append(_read_any(f))
+        except ResultsError as e:  # one bad file must not hide every other cell from reports and dashboards
+            log.warning("%s: skipped (a rerun of its sweep recomputes it)", e)
+            corrupt.append(str(f))
+    if not frames:
+        raise ResultsError(f"results folder {root} holds no readable result files ({len(corrupt)} corrupt: "
+                           f"{', '.join(corrupt[:3])}{', ...' if len(corrupt) > 3 else ''})")
     df = pd.concat(frames, ignore_index=True)
+    df.attrs["corrupt"] = corrupt
     missing = [c for c in ("model", "method", "metric", "value", "config_hash") if c not in df.columns]
     if missing:
         raise ResultsError(f"results in {root} lack columns {missing}: not a ptqbench results folder")
@@ -155,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
                                "display.float_format", "{:.4g}".format):
             print(out.to_string(index=False))
+    for f in df.attrs.get("corrupt", []):
+        print(f"warning: corrupt results file {f} skipped", file=sys.stderr)
     failed = df[df["status"] == "failed"]
     if len(failed):
         print(f"\n{failed['config_hash'].nunique()} failed cell(s):", file=sys.stderr)

@@ -4,6 +4,10 @@ Everything a cell needs is resolved and validated from the config before any mod
 config hash is already complete in the results folder is skipped (``force=true`` recomputes). The full-precision
 model, tokenized text, calibration sets and evaluation windows are cached in the process, so the cells of one
 Hydra multirun share them.
+
+Several processes may share a results folder (two sweeps at once, launcher workers): a cell is claimed before any
+work (``ptqbench.store``); a cell another live process has claimed is deferred and ``finish_deferred()`` comes
+back for it at the end, computing it only if that process died before writing it.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import platform
 import subprocess
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ptqbench import __version__, data, memory, models, results, validate
+from ptqbench import __version__, data, memory, models, results, store, validate
 from ptqbench.errors import ConfigError
 from ptqbench.evaluators import CellContext, evaluators
 from ptqbench.pipeline import check_config_scheme, check_model_scheme, target_linears
@@ -41,6 +45,9 @@ _WRITTEN_HERE: set[tuple[str, str]] = set()  # (results folder, config hash) of 
 # (config hash, method, error) of the cells that failed in this process: __main__ lists them and exits non-zero
 # once Hydra returns, so a sweep finishes its other cells and scripts and CI still notice the failure
 _FAILED_HERE: list[tuple[str, str, str]] = []
+# (results folder, config hash, composed config) of the cells another live process had claimed: finish_deferred()
+# comes back for them once this process has run everything else
+_DEFERRED: list[tuple[Path, str, Any]] = []
 
 
 @dataclass
@@ -59,6 +66,7 @@ class Cell:
     sweep: str
     force: bool
     runtime: dict[str, Any]
+    store: store.StoreSettings = field(default_factory=store.StoreSettings)  # not in the hash: who, not what
 
     @property
     def is_baseline(self) -> bool:
@@ -180,7 +188,17 @@ def resolve(cfg: Any) -> Cell:
     _check_runtime(dict(cfg.get("runtime") or {}))
     return Cell(model_spec, method_cls, method_cfg, scheme, calib, c["name"] if calib else "none", seed, eval_cfg,
                 Path(cfg.get("results_dir", "results/default")), cfg.get("sweep_name", "default"),
-                bool(cfg.get("force", False)), dict(cfg.get("runtime") or {}))
+                bool(cfg.get("force", False)), dict(cfg.get("runtime") or {}), _store_settings(cfg.get("store")))
+
+
+def _store_settings(s: Any) -> store.StoreSettings:
+    if s is not None and not isinstance(s, dict):
+        raise ConfigError(f"store={s!r}: use a mapping, e.g. store.stale_after_s=600")
+    validate.check_types("store", store.StoreSettings, s or {})
+    try:
+        return store.StoreSettings(**(s or {}))
+    except TypeError as e:
+        raise ConfigError(f"store: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ provenance
@@ -204,8 +222,28 @@ def _versions() -> str:
 
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} (driver/cuda {torch.version.cuda})"
+        # the index says which GPU of the machine a worker took (see _gpu_for_this_process)
+        return f"{device}: {torch.cuda.get_device_name(torch.device(device))} (driver/cuda {torch.version.cuda})"
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def _worker_rank() -> int | None:
+    """This process's rank among a launcher's workers: the cluster's local rank when it sets one, else the Hydra
+    job number this process ran first (``PTQBENCH_RANK``, set by ``python -m ptqbench``)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "PTQBENCH_RANK"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return None
+
+
+def _gpu_for_this_process(spec: models.ModelSpec) -> models.ModelSpec:
+    """With several visible GPUs and ``model.device=auto``, each worker takes its own GPU (rank modulo the count)
+    instead of all of them piling onto cuda:0. The device is not part of the config hash."""
+    if spec.device != "auto" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return spec
+    rank = _worker_rank()
+    return spec if rank is None else dataclasses.replace(spec, device=f"cuda:{rank % torch.cuda.device_count()}")
 
 
 # ------------------------------------------------------------------------------------------------ cached work
@@ -260,18 +298,59 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     h = cell.config_hash
     log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.label,
              cell.method_cls.name, cell.scheme.label, cell.calib_name, cell.seed, results.cell_path(cell.results_dir, h))
+    done = _already_done(cell)
+    if done is not None:
+        store.clear_stale(cell.results_dir, h, cell.store)
+        return done
+    validate.check_writable(cell.results_dir)  # else the cell would be computed and then lost
+    models.check_available(cell.model)  # fail fast on unreachable hub models, before any loading
+    _check_before_loading(cell)
+    claim = store.try_claim(cell.results_dir, h, cell.store)
+    if claim is None:
+        log.info("cell %s is claimed by another process: deferred to the end of this run", h)
+        _DEFERRED.append((cell.results_dir, h, cfg))
+        return []
+    with claim:
+        done = _already_done(cell)  # another process may have written it between our first look and the claim
+        return done if done is not None else _compute(cfg, cell)
+
+
+def _already_done(cell: Cell) -> list[dict[str, Any]] | None:
+    """The cell's stored rows when it needs no work (complete, and not forced or already recomputed here)."""
+    h = cell.config_hash
     # force=true recomputes a cell once per process: sweep cells that share a hash (fp16 across schemes, RTN across
     # calibration sets) are not recomputed again by the same sweep
     fresh = (str(cell.results_dir), h) in _WRITTEN_HERE
     if (not cell.force or fresh) and results.cell_status(cell.results_dir, h) == "complete":
         log.info("cell %s already complete%s: skipped (force=true recomputes)", h, " (this process)" if fresh else "")
         return results.read_cell(results.cell_path(cell.results_dir, h)).to_dict("records")
-    validate.check_writable(cell.results_dir)  # else the cell would be computed and then lost
-    models.check_available(cell.model)  # fail fast on unreachable hub models, before any loading
-    _check_before_loading(cell)
+    return None
 
+
+def finish_deferred() -> list[list[dict[str, Any]]]:
+    """Come back for the cells another process had claimed: wait until each is written (its rows are read) or its
+    claim goes stale (its owner was killed or lost), then compute it here. Returns each deferred cell's rows."""
+    out = []
+    while _DEFERRED:
+        results_dir, h, cfg = _DEFERRED.pop(0)
+        settings = _store_settings(_plain(cfg.get("store")))
+        while (state := store.claim_state(results_dir, h, settings)) == "live":
+            time.sleep(settings.poll_s)
+        if state == "free" and results.cell_status(results_dir, h) in ("complete", "failed"):
+            # the other process wrote it (a failure too: a rerun, not this sweep, retries it)
+            log.info("cell %s: written by the process that had claimed it", h)
+            out.append(results.read_cell(results.cell_path(results_dir, h)).to_dict("records"))
+            continue
+        log.info("cell %s: back to the deferred cell (its claim %s)", h, "went stale" if state == "stale" else "is gone")
+        out.append(run(cfg))  # claims and computes it (a new live claim defers it again)
+    return out
+
+
+def _compute(cfg: Any, cell: Cell) -> list[dict[str, Any]]:
+    """Load, calibrate, quantize, evaluate and write one claimed cell."""
+    h = cell.config_hash
     t_cell = time.perf_counter()
-    loaded = _model(cell.model)
+    loaded = _model(_gpu_for_this_process(cell.model))
     if not cell.is_baseline:
         check_model_scheme(loaded.model, cell.scheme)  # group sizes that do not fit: refuse before any work
     calib: data.Calibration | None = None
@@ -309,7 +388,8 @@ def run(cfg: Any) -> list[dict[str, Any]]:
                 rows.append({"metric": f"info:{k}", "value": float(v), "unit": "", "protocol": "method info"})
         memory.reset_peaks()
         ctx = CellContext(model, loaded.tokenizer, loaded.tokenizer_id, cell.model.label, loaded.device, qres,
-                          cell.scheme, cell.is_baseline, cell.seed, calib, _CACHE)
+                          cell.scheme, cell.is_baseline, cell.seed, calib, _CACHE,
+                          stored_baseline=lambda: _stored_baseline(cell))
         t1 = time.perf_counter()
         for name, fn in evaluators().items():
             if name in cell.eval_cfg:
@@ -340,6 +420,22 @@ def run(cfg: Any) -> list[dict[str, Any]]:
     log.info("cell %s written to %s (%.1f s)", h, path, wall)
     _logger(cfg, cell).log_cell(_plain(cfg), out)
     return out
+
+
+def baseline_hash(cell: Cell) -> str:
+    """The config hash of the fp16 baseline cell that goes with ``cell`` (same model and evaluation)."""
+    fp16 = get_method("fp16")
+    return dataclasses.replace(cell, method_cls=fp16, method_cfg=build_config(fp16, {}), calib=None,
+                               calib_name="none").config_hash
+
+
+def _stored_baseline(cell: Cell) -> list[dict[str, Any]] | None:
+    """The fp16 baseline cell's rows when another process (or an earlier run) has written it complete: drop rows
+    read it instead of every worker recomputing the baseline."""
+    h = baseline_hash(cell)
+    if results.cell_status(cell.results_dir, h) != "complete":
+        return None
+    return results.read_cell(results.cell_path(cell.results_dir, h)).to_dict("records")
 
 
 def _check_before_loading(cell: Cell) -> None:

@@ -4,6 +4,7 @@ folder that cannot be written. Each raises a one-line ``ConfigError`` that says 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -12,6 +13,7 @@ from typing import Any
 
 from ptqbench.errors import ConfigError
 
+MIN_FREE_BYTES = 16 * 2**20  # a cell's files are tens of KiB; less free space than this means a full disk
 _WHAT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -65,8 +67,8 @@ def positive_int(name: str, value: Any, allow_none: bool = False, minimum: int =
 
 
 def check_writable(folder: Path, key: str = "results_root") -> None:
-    """Refuse a results folder that cannot be created or written, before any model is loaded: otherwise the
-    whole cell would be computed and then lost when its rows are written."""
+    """Refuse a results folder that cannot be created or written, or whose disk is full, before any model is
+    loaded: otherwise the whole cell would be computed and then lost when its rows are written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".ptqbench-write-probe.")
@@ -75,3 +77,7 @@ def check_writable(folder: Path, key: str = "results_root") -> None:
     except OSError as e:
         raise ConfigError(f"results folder {str(folder)!r} cannot be written ({e.strerror or type(e).__name__}): "
                           f"set {key}=<a writable folder>") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:  # an empty probe file fits on a full disk; the cell's rows would not
+        raise ConfigError(f"results folder {str(folder)!r} is on a full disk ({free // 1024} KiB free): free some "
+                          f"space or set {key}=<a folder on another disk>")

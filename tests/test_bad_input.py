@@ -73,6 +73,9 @@ CASES = [  # (overrides, a substring of the message that names the fix)
     (["eval=gptq_hub", "method=rtn"], "use an embedded source: code, docs, prose"),
     # a results path that cannot be written (a folder under a regular file: refused for root too)
     (["results_root={file}/x"], "set results_root=<a writable folder>"),
+    # the results store's claims
+    (["store.stale_after_s=-1"], "store.stale_after_s=-1: use a positive number of seconds"),
+    (["store.stale_after_s=soon"], "store.stale_after_s='soon': use a number"),
 ]
 
 

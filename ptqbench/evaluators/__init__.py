@@ -34,6 +34,9 @@ class CellContext:
     seed: int
     calibration: Any = None  # ptqbench.data.Calibration or None
     cache: dict[str, Any] = field(default_factory=dict)  # process-wide, shared by every cell of a sweep
+    # the fp16 baseline cell's rows when the results store already holds it complete (written by another process
+    # or an earlier run), else None: drop rows read it instead of recomputing the baseline in every worker
+    stored_baseline: Callable[[], list[dict] | None] | None = None
 
 
 def register_evaluator(name: str) -> Callable[[Evaluator], Evaluator]:

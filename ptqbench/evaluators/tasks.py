@@ -20,7 +20,8 @@ Rows per suite: the metric of every group (leaf task, ``group`` = its name witho
 where lower is better; the protocol names the worst group), ``mean_<metric>`` (unweighted mean over groups),
 ``gap_<metric>`` (|mean - worst|) and the drop of worst and mean against the unquantized model of the same cell
 (``worst_group_<metric>_drop``, ``mean_<metric>_drop``; positive = worse than fp16). The fp16 results are computed
-once per process: by the baseline cell, or, when a quantized cell comes first, on the cached full-precision model.
+once per process: by the baseline cell, read from the results store when another process has written the fp16 cell,
+or else, when a quantized cell comes first, on the cached full-precision model.
 """
 
 from __future__ import annotations
@@ -307,6 +308,18 @@ def _values(model: Any, tokenizer: Any, suite: Suite, cfg: dict, cache: dict) ->
         time.perf_counter() - t0
 
 
+def _stored_values(cell: CellContext, suite: Suite) -> dict[str, float] | None:
+    """The suite's per-group values from the fp16 cell in the results store (same model and evaluation, so the
+    same suite spec), or None when the store does not hold it."""
+    rows = cell.stored_baseline() if cell.stored_baseline is not None else None
+    values = {r["group"]: float(r["value"]) for r in rows or []
+              if r.get("dataset") == suite.name and r.get("metric") == suite.metric
+              and isinstance(r.get("group"), str) and r["group"] and r.get("status") == "ok"}
+    if values:
+        log.info("tasks: fp16 baseline of suite %s read from the results store", suite.name)
+    return values or None
+
+
 @register_evaluator("tasks")
 def task_rows(cell: CellContext, cfg: dict) -> list[dict]:
     rows: list[dict] = []
@@ -317,8 +330,10 @@ def task_rows(cell: CellContext, cfg: dict) -> list[dict]:
         if cell.is_baseline:
             cell.cache[key] = values
         elif key not in cell.cache:
-            log.info("tasks: computing the fp16 baseline of suite %s for the drop rows", suite.name)
-            cell.cache[key] = _values(_fp_model(cell), tok, suite, cfg, cell.cache)[0]
+            cell.cache[key] = _stored_values(cell, suite)
+            if cell.cache[key] is None:
+                log.info("tasks: computing the fp16 baseline of suite %s for the drop rows", suite.name)
+                cell.cache[key] = _values(_fp_model(cell), tok, suite, cfg, cell.cache)[0]
         base = cell.cache[key]
         m, hib = suite.metric, suite.higher_is_better
         s, b = summarize(values, hib), summarize(base, hib)
