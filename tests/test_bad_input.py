@@ -101,7 +101,8 @@ def _refused(compose, overrides: list[str], match: str, tmp_path: Path) -> str:
 def test_bad_input_is_refused_before_loading(compose, tmp_path, overrides, match):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    _refused(compose, [o.format(file=blocker) for o in overrides], match, tmp_path)
+    msg = _refused(compose, [o.format(file=blocker) for o in overrides], match, tmp_path)
+    assert match in msg and "\n" not in msg, msg
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
@@ -111,7 +112,8 @@ def test_read_only_results_folder_is_refused(compose, tmp_path):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        _refused(compose, [f"results_root={ro}"], "set results_root=<a writable folder>", tmp_path)
+        msg = _refused(compose, [f"results_root={ro}"], "set results_root=<a writable folder>", tmp_path)
+        assert str(ro) in msg, msg
     finally:
         ro.chmod(0o700)
 
