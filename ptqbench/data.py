@@ -9,7 +9,16 @@ Embedded sources (offline, built from text this installation ships):
 
 Each embedded document goes to the calibration or the evaluation split by a hash of its text, so the two never
 overlap and the split does not depend on file order. Hub sources (``wikitext2``, ``c4``, ``ptb``, ``pile``) follow
-the GPTQ/AWQ conventions through ``datasets`` and need the network (or a local datasets cache).
+the GPTQ/AWQ conventions through ``datasets`` and need the network (or a local datasets cache), or a local hub
+mirror (``hub_mirror=<folder>`` or ``PTQBENCH_HUB_MIRROR``, see ``ptqbench.mirror``) holding the hub's own files:
+
+- ``wikitext2``: ``Salesforce/wikitext/wikitext-2-raw-v1/{train,test}-00000-of-00001.parquet`` (column ``text``);
+- ``c4``: ``allenai/c4/en/c4-train.00000-of-01024.json.gz`` and ``allenai/c4/en/c4-validation.00000-of-00008.json.gz``
+  (JSON lines with ``text``, ``timestamp``, ``url``);
+- ``ptb``: ``ptb-text-only/ptb_text_only/penn_treebank/{train,test}/0000.parquet`` (column ``sentence``), the hub's
+  parquet export (``refs/convert/parquet``) of a script dataset that ``datasets`` >= 4 no longer runs; without a
+  mirror it is read from that export too;
+- ``pile``: ``mit-han-lab/pile-val-backup/val.jsonl.zst`` (JSON lines with ``text``, ``meta``; needs ``zstandard``).
 
 Tokenized text is cached on disk per (tokenizer, source, split, content hash).
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
@@ -30,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from ptqbench import mirror
 from ptqbench.errors import ConfigError, UnavailableError
 from ptqbench.models import cache_root, hub_offline
 
@@ -112,42 +123,118 @@ EMBEDDED_SOURCES: dict[str, Callable[[], list[tuple[str, str]]]] = {
 
 
 # ---------------------------------------------------------------------------------------------- hub sources
-def _hf_load(*args: Any, **kwargs: Any):
+@dataclass(frozen=True)
+class HubFiles:
+    """Where one split of a hub source lives: the dataset repo and the file (or glob of shards) in it, as a hub
+    mirror holds them (``<mirror>/<repo>/<file>``), and the ``datasets`` builder that reads that file type."""
+
+    repo: str
+    file: str
+
+    @property
+    def builder(self) -> str:
+        return "parquet" if self.file.endswith(".parquet") else "json"
+
+
+def _hf_load(path: str, *args: Any, mirrored: HubFiles, split: str, **kwargs: Any):
+    """``load_dataset(path, *args, split=split, **kwargs)`` from the hub (or the datasets cache); with a hub mirror
+    (``ptqbench.mirror``), the same split from the mirror's copy of the hub files ``mirrored`` instead."""
+    from datasets import load_dataset
+
+    if mirror.current() is not None:
+        local = mirror.files(mirrored.repo, mirrored.file)
+        _check_codec(local[0])
+        log.info("hub mirror: %s split %s from %s", mirrored.repo, split, ", ".join(local))
+        try:
+            return load_dataset(mirrored.builder, data_files={split: local}, split=split)
+        except Exception as e:  # noqa: BLE001 (a truncated or mislabelled file: ArrowInvalid, JSONDecodeError, ...)
+            raise UnavailableError(f"the hub mirror's {', '.join(local)} cannot be read as {mirrored.builder} "
+                                   f"({_why(e)}): copy the file from the hub repo {mirrored.repo} again") from None
     if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "0") in ("1", "true"):
         log.info("datasets offline: using the local datasets cache only")
     try:
-        from datasets import load_dataset
-
-        return load_dataset(*args, **kwargs)
+        return load_dataset(path, *args, split=split, **kwargs)
     except Exception as e:  # noqa: BLE001 (ConnectionError, FileNotFoundError, DatasetNotFoundError, ...)
+        # the codec is named only now: a datasets cache that already holds the file decompressed needs none
+        codec = _missing_codec(mirrored.file)
         raise UnavailableError(
-            f"dataset {args[0]!r} cannot be loaded here ({type(e).__name__}; offline or not cached): run online "
-            f"once to fill the datasets cache, or use an embedded source: {', '.join(EMBEDDED_SOURCES)}"
+            f"dataset {path!r} cannot be loaded here ({_why(e)}): run online once to fill the datasets cache, set "
+            f"hub_mirror=<folder> holding {mirrored.repo}/{mirrored.file} (README: a local hub mirror), or use an "
+            f"embedded source: {', '.join(EMBEDDED_SOURCES)}{f' (and pip install {codec})' if codec else ''}"
         ) from None
 
 
+_CODECS = {".zst": "zstandard"}  # compressed hub files datasets reads only with an optional package
+
+
+def _missing_codec(file: str) -> str | None:
+    """The package that reading ``file`` needs and that is not installed, else None."""
+    package = next((p for ext, p in _CODECS.items() if file.endswith(ext)), None)
+    return package if package and importlib.util.find_spec(package) is None else None
+
+
+def _check_codec(file: str) -> None:
+    """Refuse a file whose decompression needs a package that is missing (the pile's val.jsonl.zst: zstandard);
+    datasets itself fails with "Compression type zstd not supported", which does not say what to install."""
+    package = _missing_codec(file)
+    if package:
+        raise UnavailableError(f"reading {file} needs the {package} package, which is not installed here: "
+                               f"pip install {package}")
+
+
+def _why(e: BaseException) -> str:
+    """An exception as a short phrase for a one-line error: its type and the first line of its message."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
 def _wikitext2(split: str) -> list[str]:
-    ds = _hf_load("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+    """WikiText-2 raw: train (calibration) or test (evaluation). Hub: ``wikitext`` (now ``Salesforce/wikitext``),
+    config ``wikitext-2-raw-v1``; mirror: ``Salesforce/wikitext/wikitext-2-raw-v1/<split>-00000-of-00001.parquet``
+    (column ``text``)."""
+    hub_split = "train" if split == "calib" else "test"
+    ds = _hf_load("wikitext", "wikitext-2-raw-v1", split=hub_split,
+                  mirrored=HubFiles("Salesforce/wikitext", f"wikitext-2-raw-v1/{hub_split}-00000-of-00001.parquet"))
     return ["\n\n".join(ds["text"])]  # GPTQ joins the split's lines with blank lines
 
 
+PTB_REPO = "ptb-text-only/ptb_text_only"  # was ``ptb_text_only``; the hub redirects the old id
+
+
 def _ptb(split: str) -> list[str]:
-    ds = _hf_load("ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test")
+    """Penn Treebank (text only): train or test sentences joined by spaces, as GPTQ does.
+
+    The hub repo is a loading script, which ``datasets`` >= 4 refuses ("Dataset scripts are no longer supported").
+    Its replacement is the hub's own parquet export of that script's output (revision ``refs/convert/parquet``,
+    folder ``penn_treebank/<split>/``, column ``sentence``): the same rows, no script. A mirror holds those files as
+    ``ptb-text-only/ptb_text_only/penn_treebank/<split>/0000.parquet``."""
+    hub_split = "train" if split == "calib" else "test"
+    ds = _hf_load(PTB_REPO, revision="refs/convert/parquet", data_dir="penn_treebank", split=hub_split,
+                  mirrored=HubFiles(PTB_REPO, f"penn_treebank/{hub_split}/*.parquet"))
     return [" ".join(ds["sentence"])]
 
 
 def _c4(split: str) -> list[str]:
+    """C4 (en), GPTQ's shards: train shard 0 (calibration; one document per line) or validation shard 0
+    (evaluation). Hub and mirror: ``allenai/c4/en/c4-train.00000-of-01024.json.gz`` and
+    ``allenai/c4/en/c4-validation.00000-of-00008.json.gz`` (JSON lines with ``text``, ``timestamp``, ``url``)."""
     if split == "calib":
-        ds = _hf_load("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        file = "en/c4-train.00000-of-01024.json.gz"
+        ds = _hf_load("allenai/c4", data_files={"train": file}, split="train", mirrored=HubFiles("allenai/c4", file))
     else:
-        ds = _hf_load("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                      split="validation")
+        file = "en/c4-validation.00000-of-00008.json.gz"
+        ds = _hf_load("allenai/c4", data_files={"validation": file}, split="validation",
+                      mirrored=HubFiles("allenai/c4", file))
         return [" ".join(ds[:1100]["text"])]  # GPTQ's c4 evaluation: the first 1100 validation documents
     return list(ds["text"])
 
 
 def _pile(split: str) -> list[str]:
-    ds = _hf_load("mit-han-lab/pile-val-backup", split="validation")
+    """The Pile's validation set (AWQ's calibration data), split by document hash. Hub and mirror:
+    ``mit-han-lab/pile-val-backup/val.jsonl.zst`` (JSON lines with ``text``, ``meta``; reading .zst needs the
+    ``zstandard`` package)."""
+    ds = _hf_load("mit-han-lab/pile-val-backup", split="validation",
+                  mirrored=HubFiles("mit-han-lab/pile-val-backup", "val.jsonl.zst"))
     docs = [(f"pile:{i}", t) for i, t in enumerate(ds["text"][:50_000])]
     return _split_docs(docs, split)
 
@@ -163,15 +250,23 @@ def check_source(name: str) -> None:
         raise ConfigError(f"unknown text source {name!r}: choose one of {list(ALL_SOURCES)}")
 
 
-@lru_cache(maxsize=32)
 def documents(name: str, split: str) -> tuple[str, ...]:
-    """The documents of one source's split (``calib`` or ``eval``)."""
+    """The documents of one source's split (``calib`` or ``eval``); a hub source's from the hub mirror in use."""
     check_source(name)
     if split not in SPLITS:
         raise ConfigError(f"split {split!r}: use one of {SPLITS}")
+    # a hub source's text depends on where it is read from: cached per mirror (None: the hub)
+    return _documents(name, split, mirror.current() if name in HUB_SOURCES else None)
+
+
+@lru_cache(maxsize=32)
+def _documents(name: str, split: str, _mirror: Path | None) -> tuple[str, ...]:
     if name in EMBEDDED_SOURCES:
         return tuple(_split_docs(EMBEDDED_SOURCES[name](), split))
     return tuple(HUB_SOURCES[name](split))
+
+
+documents.cache_clear = _documents.cache_clear  # type: ignore[attr-defined]  # the cache lives in _documents
 
 
 def _tokenize(tokenizer: Any, text: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptqbench import mirror
 from ptqbench.errors import ConfigError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -197,10 +198,24 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_path(spec: ModelSpec) -> str:
+    """Where a ``source: hub`` model loads from: its folder in the hub mirror when the mirror holds it
+    (``ptqbench.mirror``), else ``model.path`` itself (a hub id or a local folder). The mirror's folder is one
+    snapshot: ``model.revision`` does not select another there."""
+    folder = mirror.model_folder(spec.path) if spec.source == "hub" else None
+    return spec.path if folder is None else str(folder)
+
+
 def check_available(spec: ModelSpec) -> None:
     """Fail fast, before any work, when a model cannot be reached (offline and not cached, or missing)."""
     if spec.source == "gguf_package":
         _gguf_path(spec)
+        return
+    path, root = hub_path(spec), mirror.current()
+    if path != spec.path:
+        log.info("model %s: from the hub mirror, %s", spec.path, path)
+        if spec.revision:
+            log.warning("model.revision=%s is not checked in the hub mirror: %s is used as it is", spec.revision, path)
         return
     if Path(spec.path).expanduser().is_dir():
         return
@@ -209,13 +224,17 @@ def check_available(spec: ModelSpec) -> None:
                                f"and the weights, or a hub id such as facebook/opt-125m")
     from transformers import AutoConfig
 
+    if root is not None:
+        log.info("the hub mirror has no %s: loading %s from the hub or its cache", root / spec.path, spec.path)
     try:
         AutoConfig.from_pretrained(spec.path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # noqa: BLE001 (OSError, ValueError, connection errors; all mean "not reachable")
         why = "the hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else f"{type(e).__name__}"
+        where = f"the hub mirror ({root / spec.path} is not there), " if root is not None else ""
         raise UnavailableError(
-            f"model {spec.path!r} is not in the local Hugging Face cache and cannot be fetched ({why}): download it "
-            f"on a machine with network (huggingface-cli download {spec.path}) or use an embedded model: "
+            f"model {spec.path!r} is not in {where}the local Hugging Face cache and cannot be fetched ({why}): "
+            f"download it on a machine with network (hf download {spec.path}"
+            f"{f' --local-dir {root / spec.path}' if root is not None else ''}) or use an embedded model: "
             f"model={' or model='.join(EMBEDDED)}"
         ) from None
 
@@ -228,7 +247,7 @@ def model_config(spec: ModelSpec) -> dict[str, Any] | None:
         if spec.source == "gguf_package":
             path = _converted_dir(spec, _gguf_path(spec)) / "config.json"
             return json.loads(path.read_text()) if path.is_file() else None
-        local = Path(spec.path).expanduser() / "config.json"
+        local = Path(hub_path(spec)).expanduser() / "config.json"
         if local.is_file():
             return json.loads(local.read_text())
         from transformers import AutoConfig
@@ -255,8 +274,11 @@ def load(spec: ModelSpec) -> LoadedModel:
         info["gguf"] = gguf.name
         path, kwargs = str(folder), {}
     else:
-        path = spec.path
-        kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        path = hub_path(spec)
+        kwargs = {"revision": spec.revision if path == spec.path else None,  # a mirror's folder has no revisions
+                  "trust_remote_code": spec.trust_remote_code}
+        if path != spec.path:
+            info["hub_mirror"] = path
     if spec.source == "gguf_package" and (Path(path) / "tokenizer.json").is_file():
         # our own converted folder always holds a fast tokenizer: loading it by class skips AutoTokenizer's
         # resolution, which costs ~0.8 s of the < 2 s cached-load budget

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ptqbench import __version__, data, memory, models, results, store, validate
+from ptqbench import __version__, data, memory, mirror, models, results, store, validate
 from ptqbench.errors import ConfigError
 from ptqbench.evaluators import CellContext, evaluators
 from ptqbench.pipeline import check_config_scheme, check_model_scheme, target_linears
@@ -67,6 +67,7 @@ class Cell:
     force: bool
     runtime: dict[str, Any]
     store: store.StoreSettings = field(default_factory=store.StoreSettings)  # not in the hash: who, not what
+    hub_mirror: Path | None = None  # not in the hash: where the hub's files are read from, not what is computed
 
     @property
     def is_baseline(self) -> bool:
@@ -188,7 +189,8 @@ def resolve(cfg: Any) -> Cell:
     _check_runtime(dict(cfg.get("runtime") or {}))
     return Cell(model_spec, method_cls, method_cfg, scheme, calib, c["name"] if calib else "none", seed, eval_cfg,
                 Path(cfg.get("results_dir", "results/default")), cfg.get("sweep_name", "default"),
-                bool(cfg.get("force", False)), dict(cfg.get("runtime") or {}), _store_settings(cfg.get("store")))
+                bool(cfg.get("force", False)), dict(cfg.get("runtime") or {}), _store_settings(cfg.get("store")),
+                mirror.check(cfg.get("hub_mirror")))
 
 
 def _store_settings(s: Any) -> store.StoreSettings:
@@ -248,7 +250,7 @@ def _gpu_for_this_process(spec: models.ModelSpec) -> models.ModelSpec:
 
 # ------------------------------------------------------------------------------------------------ cached work
 def _model(spec: models.ModelSpec) -> models.LoadedModel:
-    key = ("model", json.dumps(spec.identity(), sort_keys=True), spec.device)
+    key = ("model", json.dumps(spec.identity(), sort_keys=True), spec.device, models.hub_path(spec))
     if key not in _CACHE:
         for k in [k for k in _CACHE if isinstance(k, tuple) and k[0] == "model"]:
             del _CACHE[k]  # one full-precision model per process
@@ -259,7 +261,7 @@ def _model(spec: models.ModelSpec) -> models.LoadedModel:
 def _calibration(cell: Cell, loaded: models.LoadedModel) -> data.Calibration | None:
     if cell.calib is None:
         return None
-    key = ("calib", cell.calib, cell.seed, loaded.tokenizer_id)
+    key = ("calib", cell.calib, cell.seed, loaded.tokenizer_id, cell.hub_mirror)  # a mirror's text may differ
     if key not in _CACHE:
         _CACHE[key] = data.draw_calibration(cell.calib, cell.seed, loaded.tokenizer, loaded.tokenizer_id)
     return _CACHE[key]
@@ -294,6 +296,11 @@ def _stage_columns(cls: type[Quantizer]) -> dict[str, str]:
 def run(cfg: Any) -> list[dict[str, Any]]:
     """Run one cell and return its rows (also written to the results folder)."""
     cell = resolve(cfg)
+    with mirror.active(cell.hub_mirror):  # hub models and datasets read from the mirror (None: the hub) meanwhile
+        return _run(cfg, cell)
+
+
+def _run(cfg: Any, cell: Cell) -> list[dict[str, Any]]:
     _logger(cfg, cell)  # a bad logger config (or wandb missing) fails here, before any work
     h = cell.config_hash
     log.info("cell %s: model=%s method=%s quant=%s calib=%s seed=%d -> %s", h, cell.model.label,
@@ -441,7 +448,8 @@ def _stored_baseline(cell: Cell) -> list[dict[str, Any]] | None:
 def _check_before_loading(cell: Cell) -> None:
     """What can be refused from the model's config.json and the text alone, so a cell that cannot work fails in
     seconds instead of after the model loads: a group size that does not divide a layer's input features, windows
-    longer than the calibration or evaluation text (also loads hub datasets, so an unreachable one fails here)."""
+    longer than the calibration or evaluation text (also loads hub datasets, so an unreachable one, or a file the hub
+    mirror lacks, fails here)."""
     config = None if cell.is_baseline else models.model_config(cell.model)
     if config is not None:
         check_config_scheme(config, cell.scheme)

@@ -71,6 +71,7 @@ CASES = [  # (overrides, a substring of the message that names the fix)
     (["model.package=no_such_package_xyz"], "run `make setup`"),
     (["calib=c4"], "use an embedded source: code, docs, prose"),
     (["eval=gptq_hub", "method=rtn"], "use an embedded source: code, docs, prose"),
+    (["hub_mirror={file}"], "is not a folder: give a folder laid out like the hub"),
     # a results path that cannot be written (a folder under a regular file: refused for root too)
     (["results_root={file}/x"], "set results_root=<a writable folder>"),
     # the results store's claims

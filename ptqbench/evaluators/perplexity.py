@@ -34,6 +34,7 @@ def perplexity(model: nn.Module, data: EvalSet, batch_size: int = 1, device: str
     return {"value": value, "nll_sum": nll_sum, "n_tokens": n_tokens, "windows": len(data.windows)}
 
 
+from ptqbench import mirror  # noqa: E402
 from ptqbench.data import check_source, eval_set  # noqa: E402
 from ptqbench.errors import ConfigError  # noqa: E402
 from ptqbench.evaluators import CellContext, register_evaluator  # noqa: E402
@@ -57,7 +58,7 @@ def check_config(cfg: dict) -> None:
 def perplexity_rows(cell: CellContext, cfg: dict) -> list[dict]:
     rows = []
     for name in cfg.get("datasets", []):
-        key = ("evalset", name, cfg["seq_len"], cfg.get("max_windows"), cell.tokenizer_id)
+        key = ("evalset", name, cfg["seq_len"], cfg.get("max_windows"), cell.tokenizer_id, mirror.current())
         if key not in cell.cache:
             cell.cache[key] = eval_set(name, cfg["seq_len"], cfg.get("max_windows"), cell.tokenizer, cell.tokenizer_id)
         data = cell.cache[key]
